@@ -216,10 +216,11 @@ def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
 
 def check_size(size: Sequence[int], multiple: Sequence[int], what: str = "input") -> None:
     """Raise a clear error when ``size`` is not a multiple of ``multiple`` on every axis."""
-    bad = [i for i, (s, m) in enumerate(zip(size, multiple)) if s % m or s < m]
+    # The coarsest level needs 2 voxels per halved axis: align_corners geometry divides by (n - 1).
+    bad = [i for i, (s, m) in enumerate(zip(size, multiple)) if s % m or (m > 1 and s < 2 * m)]
     if bad:
-        fix = tuple(math.ceil(s / m) * m for s, m in zip(size, multiple))
+        fix = tuple(max(math.ceil(s / m), 2 if m > 1 else 1) * m for s, m in zip(size, multiple))
         raise ValueError(
-            f"{what} size {tuple(size)}: expected multiples of {tuple(multiple)} on every axis "
-            f"(the pyramid halves it); pad or crop, e.g. to {fix}"
+            f"{what} size {tuple(size)}: expected multiples of {tuple(multiple)} on every axis, at least "
+            f"2x that where the pyramid halves (it halves {len(multiple)} axes); pad or crop, e.g. to {fix}"
         )

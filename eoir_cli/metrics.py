@@ -1,0 +1,313 @@
+"""Evaluation metrics as the Learn2Reg / LUMIR challenges compute them (numpy in, floats out).
+
+Conventions:
+    * Label images are integer arrays ``(D, H, W)`` on the same grid.
+    * A displacement ``disp`` is a numpy array ``(3, D, H, W)`` in **voxels**, channel c along array
+      axis c, pull-back on the fixed grid: ``warped(x) = moving(x + disp(x))`` (see
+      :mod:`eoir_cli.spatial`).
+    * ``spacing`` is the voxel size in mm per array axis; distances are returned in mm.
+
+Choices (documented because the challenge scripts differ in details):
+    * Dice: a label absent from both images is skipped. ``labels=None`` means every non-zero label
+      present in either image; pass ``labels`` explicitly to count background (LUMIR counts it).
+    * HD95: ``max`` over the two directions of the 95th percentile of the distances from the surface
+      voxels of one mask to the surface of the other (Euclidean distance transform with spacing).
+      A label absent from both images is skipped; a label present in only one gets ``nan`` (as the
+      Learn2Reg script does for labels missing from an input), so ``np.nanmean`` ignores it.
+    * NDV, %|J|<=0: the interior voxels ``[1:-1]`` on every axis, like the reference
+      implementation of Liu et al. 2024 (``digital_diffeomorphism``); the mask is cropped likewise.
+    * SDlogJ: standard deviation of ``log(clip(|J|, 1e-9, 1e9))`` over the same interior voxels
+      (central differences). The Learn2Reg script adds 3 to ``|J|`` before clipping; we do not, so
+      values differ from that script for folded fields but not for smooth ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+_OCTANTS = tuple((a, b, c) for a in (1, -1) for b in (1, -1) for c in (1, -1))
+
+
+def _check_labels(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"label images: expected equal shapes, got {pred.shape} vs {target.shape}")
+    if pred.ndim != 3:
+        raise ValueError(f"label images: expected (D, H, W), got shape {pred.shape}")
+    return pred, target
+
+
+def _label_list(pred: np.ndarray, target: np.ndarray, labels: Iterable[int] | None) -> list[int]:
+    if labels is not None:
+        return [int(v) for v in labels]
+    values = np.union1d(np.unique(pred), np.unique(target))
+    return [int(v) for v in values if v != 0]
+
+
+def _check_disp(disp: np.ndarray) -> np.ndarray:
+    disp = np.asarray(disp)
+    if disp.ndim != 4 or disp.shape[0] != 3:
+        raise ValueError(f"disp: expected (3, D, H, W) in voxels, got shape {disp.shape}")
+    return disp.astype(np.float64, copy=False)
+
+
+def dice_per_label(pred: np.ndarray, target: np.ndarray, labels: Iterable[int] | None = None) -> dict[int, float]:
+    """Dice ``2|P∩T| / (|P| + |T|)`` per label; labels absent from both images are skipped.
+
+    Args:
+        pred: ``(D, H, W)`` integer labels (e.g. warped moving labels).
+        target: ``(D, H, W)`` integer labels (fixed labels).
+        labels: label values to score; ``None`` = every non-zero value in either image.
+
+    Returns:
+        ``{label: dice in [0, 1]}``.
+    """
+    pred, target = _check_labels(pred, target)
+    out: dict[int, float] = {}
+    for label in _label_list(pred, target, labels):
+        p, t = pred == label, target == label
+        total = int(p.sum()) + int(t.sum())
+        if total == 0:
+            continue
+        out[label] = 2.0 * float(np.logical_and(p, t).sum()) / total
+    return out
+
+
+def mean_dice(pred: np.ndarray, target: np.ndarray, labels: Iterable[int] | None = None) -> float:
+    """Mean of :func:`dice_per_label` (``nan`` when no label is present)."""
+    values = list(dice_per_label(pred, target, labels).values())
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    # Border voxels of the mask (6-connected erosion); a mask touching the array edge keeps its edge.
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def hd95_per_label(
+    pred: np.ndarray,
+    target: np.ndarray,
+    labels: Iterable[int] | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> dict[int, float]:
+    """95th-percentile symmetric Hausdorff distance per label, in mm.
+
+    For each direction, the distances from every surface voxel of one mask to the nearest surface
+    voxel of the other (Euclidean, ``spacing`` applied); HD95 = max of the two 95th percentiles.
+
+    Args:
+        pred: ``(D, H, W)`` integer labels.
+        target: ``(D, H, W)`` integer labels.
+        labels: label values; ``None`` = every non-zero value in either image.
+        spacing: voxel size in mm per array axis.
+
+    Returns:
+        ``{label: hd95 in mm}``; labels absent from both are skipped, labels present in only one
+        image map to ``nan``.
+    """
+    pred, target = _check_labels(pred, target)
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing: expected 3 positive values in mm, got {spacing}")
+    out: dict[int, float] = {}
+    for label in _label_list(pred, target, labels):
+        p, t = pred == label, target == label
+        has_p, has_t = bool(p.any()), bool(t.any())
+        if not has_p and not has_t:
+            continue
+        if not (has_p and has_t):
+            out[label] = float("nan")
+            continue
+        sp, st = _surface(p), _surface(t)
+        to_t = ndimage.distance_transform_edt(~st, sampling=spacing)[sp]
+        to_p = ndimage.distance_transform_edt(~sp, sampling=spacing)[st]
+        out[label] = float(max(np.percentile(to_t, 95), np.percentile(to_p, 95)))
+    return out
+
+
+def _det3(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Determinant of the 3×3 matrices with rows ``a``, ``b``, ``c`` (each ``(3, ...)``)."""
+    return (a[0] * (b[1] * c[2] - b[2] * c[1])
+            - a[1] * (b[0] * c[2] - b[2] * c[0])
+            + a[2] * (b[0] * c[1] - b[1] * c[0]))
+
+
+def _shifted(trans: np.ndarray, offset: Sequence[int]) -> np.ndarray:
+    """``trans[:, v + offset]`` for every interior voxel v (``offset`` entries in {-1, 0, 1})."""
+    d, h, w = trans.shape[1:]
+    i, j, k = offset
+    return trans[:, 1 + i:d - 1 + i, 1 + j:h - 1 + j, 1 + k:w - 1 + k]
+
+
+def _deformation(disp: np.ndarray) -> np.ndarray:
+    disp = _check_disp(disp)
+    if min(disp.shape[1:]) < 3:
+        raise ValueError(f"disp: expected at least 3 voxels per axis, got shape {disp.shape}")
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in disp.shape[1:]], indexing="ij"))
+    return grid + disp
+
+
+def _interior_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    if mask is None:
+        return np.ones(tuple(s - 2 for s in shape), dtype=bool)
+    mask = np.asarray(mask)
+    if mask.shape != shape:
+        raise ValueError(f"mask: expected shape {shape} (the field's grid), got {mask.shape}")
+    return mask[1:-1, 1:-1, 1:-1] > 0
+
+
+def tetrahedra_determinants(disp: np.ndarray) -> list[np.ndarray]:
+    """The 10 tetrahedron Jacobian determinants of Liu et al. 2024 at every interior voxel.
+
+    Eight one-sided ("octant") determinants, one per choice of forward/backward difference on each
+    axis (the corner tetrahedra of the 8 cubes around a voxel), and the two central tetrahedra of
+    the cubes ``[v-1, v]`` (vertices v, v-e0-e1, v-e0-e2, v-e1-e2) and ``[v, v+1]`` (vertices v,
+    v+e0+e1, v+e1+e2, v+e0+e2). Each value is 6× the signed volume of the deformed tetrahedron in
+    voxel³ (1 for a corner tetrahedron and 2 for a central one under the identity).
+
+    Args:
+        disp: ``(3, D, H, W)`` displacement in voxels.
+
+    Returns:
+        10 arrays ``(D-2, H-2, W-2)``.
+    """
+    trans = _deformation(disp)
+    centre = _shifted(trans, (0, 0, 0))
+    eye = np.eye(3, dtype=int)
+    dets = []
+    for signs in _OCTANTS:
+        # Forward difference T(v+e) - T(v) or backward T(v) - T(v-e): both +e under the identity.
+        rows = [(_shifted(trans, s * eye[a]) - centre) * s for a, s in enumerate(signs)]
+        dets.append(_det3(*rows))
+    for sign in (-1, 1):
+        rows = [_shifted(trans, sign * (eye[a] + eye[b])) - centre for a, b in ((0, 1), (0, 2), (1, 2))]
+        if sign == 1:  # v+e0+e1, v+e1+e2, v+e0+e2: the reference order, identity det 2
+            rows = [rows[0], rows[2], rows[1]]
+        dets.append(_det3(*rows))
+    return dets
+
+
+def ndv(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Non-diffeomorphic volume (Liu et al. 2024, "digital diffeomorphism"), percent of the mask.
+
+    Sum over interior voxels of the negative signed volumes of the 10 tetrahedra of
+    :func:`tetrahedra_determinants` (``-min(det, 0) / 6``), halved because the two five-tetrahedra
+    splits of each cube are averaged, divided by the number of interior mask voxels, × 100.
+
+    Args:
+        disp: ``(3, D, H, W)`` displacement in voxels.
+        mask: optional ``(D, H, W)`` mask (non-zero = inside); default the whole volume.
+
+    Returns:
+        NDV in percent (0 for a diffeomorphic field).
+    """
+    dets = tetrahedra_determinants(disp)
+    inside = _interior_mask(mask, tuple(disp.shape[1:]))
+    total = int(inside.sum())
+    if total == 0:
+        raise ValueError("mask: expected at least one interior voxel inside the mask, got none")
+    volume = sum(float((-0.5 * np.minimum(d, 0.0) / 6.0)[inside].sum()) for d in dets)
+    return 100.0 * volume / total
+
+
+def _central_jacobian_det(disp: np.ndarray) -> np.ndarray:
+    """Central-difference Jacobian determinant of ``x + disp(x)`` at the interior voxels."""
+    trans = _deformation(disp)
+    eye = np.eye(3, dtype=int)
+    rows = [0.5 * (_shifted(trans, eye[a]) - _shifted(trans, -eye[a])) for a in range(3)]
+    return _det3(*rows)
+
+
+def jacobian_nonpositive_percent(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Percentage of interior (mask) voxels whose central-difference ``|J|`` is ``<= 0``.
+
+    Args:
+        disp: ``(3, D, H, W)`` displacement in voxels.
+        mask: optional ``(D, H, W)`` mask.
+    """
+    det = _central_jacobian_det(disp)
+    inside = _interior_mask(mask, tuple(disp.shape[1:]))
+    if not inside.any():
+        raise ValueError("mask: expected at least one interior voxel inside the mask, got none")
+    return 100.0 * float((det[inside] <= 0).sum()) / float(inside.sum())
+
+
+def sdlogj(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Standard deviation of ``log(clip(|J|, 1e-9, 1e9))`` over the interior (mask) voxels.
+
+    Args:
+        disp: ``(3, D, H, W)`` displacement in voxels.
+        mask: optional ``(D, H, W)`` mask.
+    """
+    det = _central_jacobian_det(disp)
+    inside = _interior_mask(mask, tuple(disp.shape[1:]))
+    if not inside.any():
+        raise ValueError("mask: expected at least one interior voxel inside the mask, got none")
+    return float(np.log(np.clip(det[inside], 1e-9, 1e9)).std())
+
+
+def field_metrics(disp: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+    """Regularity of a displacement (voxels): ``ndv_percent``, ``jac_nonpos_percent``, ``sdlogj``."""
+    return {
+        "ndv_percent": ndv(disp, mask),
+        "jac_nonpos_percent": jacobian_nonpositive_percent(disp, mask),
+        "sdlogj": sdlogj(disp, mask),
+    }
+
+
+def tre_mm(
+    fixed_points: np.ndarray,
+    moving_points: np.ndarray,
+    disp: np.ndarray,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> np.ndarray:
+    """Target registration error per landmark, in mm.
+
+    A fixed landmark ``f`` maps to ``f + disp(f)`` in the moving image (``disp`` interpolated
+    trilinearly at ``f``, nearest value beyond the border); the error is
+    ``|| (f + disp(f) - m) * spacing ||``.
+
+    Args:
+        fixed_points: ``(K, 3)`` landmark positions in fixed voxel indices (array-axis order).
+        moving_points: ``(K, 3)`` corresponding positions in moving voxel indices.
+        disp: ``(3, D, H, W)`` displacement in voxels on the fixed grid.
+        spacing: voxel size in mm per array axis.
+
+    Returns:
+        ``(K,)`` float64 distances in mm.
+    """
+    disp = _check_disp(disp)
+    fixed_points = np.asarray(fixed_points, dtype=np.float64)
+    moving_points = np.asarray(moving_points, dtype=np.float64)
+    for name, pts in (("fixed_points", fixed_points), ("moving_points", moving_points)):
+        if pts.ndim != 2 or pts.shape[1] != 3:
+            raise ValueError(f"{name}: expected (K, 3) voxel positions, got shape {pts.shape}")
+    if fixed_points.shape != moving_points.shape:
+        raise ValueError(f"fixed_points and moving_points: expected equal shapes, got "
+                         f"{fixed_points.shape} vs {moving_points.shape}")
+    spacing_arr = np.asarray(spacing, dtype=np.float64)
+    if spacing_arr.shape != (3,) or (spacing_arr <= 0).any():
+        raise ValueError(f"spacing: expected 3 positive values in mm, got {tuple(spacing)}")
+    moved = np.stack([ndimage.map_coordinates(disp[c], fixed_points.T, order=1, mode="nearest")
+                      for c in range(3)], axis=1)
+    return np.linalg.norm((fixed_points + moved - moving_points) * spacing_arr, axis=1)
+
+
+def landmarks_from_label_image(label: np.ndarray) -> dict[int, np.ndarray]:
+    """Centroid (voxel indices, array-axis order) of every non-zero label of a landmark image.
+
+    Args:
+        label: ``(D, H, W)`` integer image, one small blob per landmark id.
+
+    Returns:
+        ``{label: (3,) float64 centroid}``, labels in increasing order.
+    """
+    label = np.asarray(label)
+    if label.ndim != 3:
+        raise ValueError(f"label: expected (D, H, W), got shape {label.shape}")
+    ids = [int(v) for v in np.unique(label) if v != 0]
+    centres = ndimage.center_of_mass(np.ones(label.shape), label, ids) if ids else []
+    return {i: np.asarray(c, dtype=np.float64) for i, c in zip(ids, centres, strict=True)}
