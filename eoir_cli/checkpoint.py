@@ -166,7 +166,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str
                                 if k != "config"} | {"format": meta.get("format", "eoir")}
         return _config_from(meta["config"], path), state, info
     if path.suffix not in CHECKPOINT_SUFFIXES:
-        raise CheckpointError(f"{path}: unknown checkpoint suffix {path.suffix!r}; expected one of {CHECKPOINT_SUFFIXES}")
+        raise CheckpointError(
+            f"{path}: unknown checkpoint suffix {path.suffix!r}; expected one of {CHECKPOINT_SUFFIXES}"
+        )
     data = _torch_load(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict of weights, got {type(data).__name__}")

@@ -1,11 +1,121 @@
-"""``eoir train``: placeholder until its issue lands."""
+"""``eoir train``: train (or resume) an EOIR model; a thin skin over :func:`eoir_cli.train.train`."""
 
 from __future__ import annotations
 
-from eoir_cli.commands.common import cli_command, fail
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from eoir_cli.commands.common import cli_command, console
+
+
+class DatasetName(str, Enum):
+    synth = "synth"
+    lumir = "lumir"
+    oasis = "oasis"
+    abdomen = "abdomen"
+    acdc = "acdc"
+    pairs = "pairs"
+
+
+class PresetName(str, Enum):
+    lumir = "lumir"
+    oasis = "oasis"
+    abdomen = "abdomen"
+    acdc = "acdc"
+
+
+class Penalty(str, Enum):
+    l1 = "l1"
+    l2 = "l2"
 
 
 @cli_command
-def train_command() -> None:
-    """Not available yet."""
-    raise fail("eoir train is not available in this build yet")
+def train_command(
+    dataset: Annotated[DatasetName | None, typer.Option(help="Training data: synth needs no download. [default: synth]")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Dataset root (synth: label maps; default: the shared sample data when present).")] = None,
+    preset: Annotated[PresetName | None, typer.Option(help="Model preset. [default: lumir]")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (checkpoints, metrics.csv, config.json). [default: runs/eoir]")] = None,
+    channels: Annotated[int | None, typer.Option(min=1, help="Start channels (overrides the preset; 32 published, 8/16 ablations).")] = None,
+    input_scale: Annotated[float | None, typer.Option(min=0.01, max=1.0, help="Resample factor before the network (0.5 = half resolution).")] = None,
+    shape: Annotated[tuple[int, int, int] | None, typer.Option(help="Image size D H W fed to the model (synth: generated size) [default: synth 160 224 192, else native].")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Total optimisation steps (wins over --epochs).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (synth epoch = 1000 pairs).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Pairs per step and per process. [default: 1]")] = None,
+    lr: Annotated[float | None, typer.Option(min=0.0, help="Initial learning rate (Adam amsgrad, poly decay 0.9). [default: 1e-4]")] = None,
+    val_every: Annotated[int | None, typer.Option(min=0, help="Validate every N steps (0 = at the end). [default: 500]")] = None,
+    save_every: Annotated[int | None, typer.Option(min=0, help="Write last.pt every N steps. [default: 500]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the weights and of every sample. [default: 0]")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision (CUDA only). [default: off]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue a run: its last.pt or its run directory.")] = None,
+    smooth_weight: Annotated[float | None, typer.Option(min=0.0, help="Weight of the velocity smoothness term. [default: 1.0]")] = None,
+    penalty: Annotated[Penalty | None, typer.Option(help="Smoothness penalty. [default: l2]")] = None,
+    dice_weight: Annotated[float | None, typer.Option(min=0.0, help="Weight of the soft Dice term when labels exist. [default: 1.0]")] = None,
+    windows: Annotated[list[int] | None, typer.Option("--window", help="NCC window per level, repeatable (default: 9 for lumir, 9 5 3 otherwise).")] = None,
+    real_fraction: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="synth: share of real-image pairs. [default: 0.0]")] = None,
+    shapes_fraction: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="synth: share of random-shape pairs when label maps exist. [default: 0.5]")] = None,
+    val_pairs: Annotated[int | None, typer.Option(min=0, help="synth: number of seeded validation pairs. [default: 4]")] = None,
+    workers: Annotated[int | None, typer.Option(min=0, help="Data-loader worker processes. [default: 0]")] = None,
+) -> None:
+    """Train EOIR on a dataset (or synthetic pairs) and write checkpoints.
+
+    Example: eoir train --dataset synth --shape 80 112 96 --channels 8 --steps 2000 --out runs/synth8
+    """
+    from eoir_cli.train import TrainConfig, load_resume_config, train
+
+    given: dict[str, Any] = {
+        "dataset": dataset.value if dataset else None, "data_dir": str(data_dir) if data_dir else None,
+        "preset": preset.value if preset else None, "out": str(out) if out else None, "channels": channels,
+        "input_scale": input_scale, "shape": tuple(shape) if shape else None, "steps": steps, "epochs": epochs,
+        "batch_size": batch_size, "lr": lr, "val_every": val_every, "save_every": save_every, "seed": seed,
+        "amp": amp, "device": device, "smooth_weight": smooth_weight, "penalty": penalty.value if penalty else None,
+        "dice_weight": dice_weight, "windows": tuple(windows) if windows else None, "real_fraction": real_fraction,
+        "shapes_fraction": shapes_fraction, "val_pairs": val_pairs, "num_workers": workers,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if resume is not None:
+        base = load_resume_config(str(resume))
+        config = base.replace(**given, resume=str(resume))
+        if out is None:
+            config = config.replace(out=str(resume if resume.is_dir() else resume.parent))
+    else:
+        config = TrainConfig(**given)
+    result = _run_with_progress(config, train)
+    metric = f"best val {result.metric_name} {result.best_metric:.4f}" if result.best_metric is not None else ""
+    console.print(f"[green]trained[/] {result.steps} steps -> {result.out} ({metric}); "
+                  f"weights: {result.files.get('model.safetensors')}")
+
+
+def _run_with_progress(config: Any, train: Any) -> Any:
+    import os
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
+        TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Speed(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.2f} it/s" if speed else "-- it/s")
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return train(config)
+    with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), Speed(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[terms]}"),
+                  console=console, transient=False) as progress:
+        task = progress.add_task("train", total=None, terms="")
+        last_val: list[str] = [""]
+
+        def callback(info: Any) -> None:
+            if info.val_metric is not None:
+                last_val[0] = f" val_{info.val_name} {info.val_metric:.4f}"
+            t = info.terms
+            text = " ".join(f"{k} {t[k]:.4f}" for k in ("total", "ncc", "smooth", "dice") if k in t and
+                            (k != "dice" or t[k]))
+            progress.update(task, total=info.total_steps, completed=info.step,
+                            terms=f"{text} lr {info.lr:.2e}{last_val[0]}")
+
+        return train(config, callback)
