@@ -80,15 +80,20 @@ def ncc_loss(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, eps: fl
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window: expected an odd size >= 1, got {window}")
     c = warped.shape[1]
-    ones = torch.ones(c, 1, window, window, window, dtype=warped.dtype, device=warped.device)
     pad = window // 2
-
-    def box(t: torch.Tensor) -> torch.Tensor:
-        return F.conv3d(t, ones, padding=pad, groups=c)
-
+    # The box sum is separable: three 1-D passes cost 3·w instead of w³ multiply-adds per voxel
+    # (27 vs 729 at w = 9), which makes NCC cheap next to the network on CPU.
+    maps = torch.cat([warped, fixed, warped * warped, fixed * fixed, warped * fixed], dim=1)
+    k = maps.shape[1]
+    for axis in range(3):
+        shape = [k, 1, 1, 1, 1]
+        shape[2 + axis] = window
+        padding = [0, 0, 0]
+        padding[axis] = pad
+        ones = torch.ones(shape, dtype=maps.dtype, device=maps.device)
+        maps = F.conv3d(maps, ones, padding=tuple(padding), groups=k)
+    s_w, s_f, s_ww, s_ff, s_wf = maps.split(c, dim=1)
     n = float(window**3)
-    s_w, s_f = box(warped), box(fixed)
-    s_ww, s_ff, s_wf = box(warped * warped), box(fixed * fixed), box(warped * fixed)
     cross = s_wf - s_w * s_f / n
     var_w = s_ww - s_w * s_w / n
     var_f = s_ff - s_f * s_f / n

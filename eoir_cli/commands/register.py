@@ -1,11 +1,124 @@
-"""``eoir register``: placeholder until its issue lands."""
+"""``eoir register``: one pair, or a batch from pairs.csv / dataset.json (a thin skin over eoir_cli.register)."""
 
 from __future__ import annotations
 
-from eoir_cli.commands.common import cli_command, fail
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from eoir_cli.commands.common import Device, cli_command, console, fail
+
+
+class BackendChoice(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
+    tensorrt = "tensorrt"
+
+
+class PrecisionChoice(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def parse_window(text: str | None) -> tuple[float, float] | None:
+    """``"-500,800"`` -> ``(-500.0, 800.0)``."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--window: expected LOW,HIGH (e.g. -500,800), got {text!r}") from None
+    return lo, hi
 
 
 @cli_command
-def register_command() -> None:
-    """Not available yet."""
-    raise fail("eoir register is not available in this build yet")
+def register_command(
+    fixed: Annotated[Path | None, typer.Argument(help="Fixed image (.nii/.nii.gz): outputs live on its grid.")] = None,
+    moving: Annotated[Path | None, typer.Argument(help="Moving image (.nii/.nii.gz), any orientation/spacing.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("eoir_out"),
+    pairs: Annotated[Path | None, typer.Option(help="Batch: pairs.csv (fixed,moving[,fixed_seg,moving_seg,name]) "
+                                               "or a Learn2Reg dataset.json.")] = None,
+    model: Annotated[str, typer.Option(help="'default', a preset name or a .pt/.pth/.safetensors/.onnx/.engine "
+                                       "file.")] = "default",
+    backend: Annotated[BackendChoice, typer.Option(help="Runtime (auto: by suffix).")] = BackendChoice.auto,
+    device: Annotated[Device, typer.Option(help="auto, cpu or cuda.")] = Device.auto,
+    moving_seg: Annotated[Path | None, typer.Option(help="Moving label map -> warped_seg.nii.gz.")] = None,
+    fixed_seg: Annotated[Path | None, typer.Option(help="Fixed label map -> Dice/HD95 in metrics.json.")] = None,
+    affine: Annotated[bool, typer.Option("--affine/--no-affine", help="Affine pre-alignment.")] = True,
+    refine: Annotated[int, typer.Option(min=0, help="Instance-optimisation steps after the network.")] = 0,
+    precision: Annotated[PrecisionChoice, typer.Option(help="PyTorch precision.")] = PrecisionChoice.fp32,
+    lumir: Annotated[bool, typer.Option("--lumir", help="Inputs on the LUMIR grid; also write "
+                                        "disp_<fixed>_<moving>.nii.gz.")] = False,
+    spacing: Annotated[float | None, typer.Option(min=0.01, help="Network voxel size in mm "
+                                                  "(default: the model's, 1 mm for brain models).")] = None,
+    window: Annotated[str | None, typer.Option(help="CT intensity window LOW,HIGH in HU, e.g. --window=-500,800 "
+                                               "(default: 0.5/99.5 percentiles).")] = None,
+    no_hd95: Annotated[bool, typer.Option("--no-hd95", help="Skip HD95 (faster with many labels).")] = False,
+) -> None:
+    """Register MOVING to FIXED; write warped, disp, warp_itk, warped_seg, jacobian, metrics.json, qc.png.
+
+    Example: eoir register fixed.nii.gz moving.nii.gz -o out/ --moving-seg moving_seg.nii.gz --refine 20
+
+    Batch:   eoir register --pairs data/LUMIR_dataset.json -o out/ --lumir
+    """
+    options = dict(affine=affine, refine=refine, lumir=lumir, spacing=spacing, window=parse_window(window),
+                   hd95=not no_hd95)
+    if pairs is not None:
+        if fixed is not None or moving is not None:
+            raise fail("give either FIXED MOVING or --pairs, not both")
+        if moving_seg is not None or fixed_seg is not None:
+            raise fail("--moving-seg/--fixed-seg apply to one pair; put them in the pairs.csv columns instead")
+        _run_batch(pairs, out, model, backend.value, device.value, precision.value, options)
+        return
+    if fixed is None or moving is None:
+        raise fail("expected FIXED and MOVING images (or --pairs FILE); see eoir register --help")
+    from eoir_cli.register import register
+
+    result = register(fixed, moving, out, model=model, backend=backend.value, device=device.value,
+                      moving_seg=moving_seg, fixed_seg=fixed_seg, precision=precision.value, **options)
+    m = result.metrics
+    line = (f"[green]done[/] in {m['timings_s']['total']:.1f} s ({m['backend']} on {m['device']}): "
+            f"NDV {m['field']['ndv_percent']:.4f}%, |J|<=0 {m['field']['jac_nonpos_percent']:.4f}%")
+    seg = m.get("segmentation")
+    if seg:
+        line += f", Dice {seg['dice_before_mean']:.3f} -> {seg['dice_after_mean']:.3f}"
+    console.print(line + f"\noutputs in {out}/: " + ", ".join(sorted(result.paths)), highlight=False)
+
+
+def _run_batch(pairs_file: Path, out: Path, model: str, backend: str, device: str, precision: str,
+               options: dict) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from eoir_cli.register import read_pairs, register_pairs
+
+    jobs = read_pairs(pairs_file)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("registering", total=len(jobs))
+
+        def progress(done: int, total: int, outcome: object) -> None:
+            bar.update(task, completed=done, description=f"{getattr(outcome, 'name', '')} "
+                                                         f"{getattr(outcome, 'status', '')}")
+
+        outcomes = register_pairs(jobs, out, model=model, backend=backend, device=device, precision=precision,
+                                  progress=progress, **options)
+    table = Table(title=f"eoir register: {len(outcomes)} pairs -> {out}")
+    for col in ("pair", "status", "seconds", "Dice before", "Dice after", "NDV %"):
+        table.add_column(col, justify="left" if col in ("pair", "status") else "right")
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "" if v is None else format(v, spec)
+
+    for o in outcomes:
+        status = {"done": "[green]done[/]", "skipped": "[cyan]skipped[/]"}.get(o.status, f"[red]failed[/]: {o.error}")
+        table.add_row(o.name, status, fmt(o.seconds, ".1f"), fmt(o.dice_before, ".3f"), fmt(o.dice_after, ".3f"),
+                      fmt(o.ndv_percent, ".4f"))
+    console.print(table)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        raise fail(f"{len(failed)} of {len(outcomes)} pairs failed (see the table; summary in {out}/summary.csv)")

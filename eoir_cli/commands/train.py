@@ -34,30 +34,75 @@ class Penalty(str, Enum):
 
 @cli_command
 def train_command(
-    dataset: Annotated[DatasetName | None, typer.Option(help="Training data: synth needs no download. [default: synth]")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Dataset root (synth: label maps; default: the shared sample data when present).")] = None,
+    dataset: Annotated[DatasetName | None, typer.Option(
+        help="Training data: synth needs no download. [default: synth]",
+    )] = None,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="Dataset root (synth: label maps; default: the shared sample data when present).",
+    )] = None,
     preset: Annotated[PresetName | None, typer.Option(help="Model preset. [default: lumir]")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory (checkpoints, metrics.csv, config.json). [default: runs/eoir]")] = None,
-    channels: Annotated[int | None, typer.Option(min=1, help="Start channels (overrides the preset; 32 published, 8/16 ablations).")] = None,
-    input_scale: Annotated[float | None, typer.Option(min=0.01, max=1.0, help="Resample factor before the network (0.5 = half resolution).")] = None,
-    shape: Annotated[tuple[int, int, int] | None, typer.Option(help="Image size D H W fed to the model (synth: generated size) [default: synth 160 224 192, else native].")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Run directory (checkpoints, metrics.csv, config.json). [default: runs/eoir]",
+    )] = None,
+    channels: Annotated[int | None, typer.Option(
+        min=1,
+        help="Start channels (overrides the preset; 32 published, 8/16 ablations).",
+    )] = None,
+    input_scale: Annotated[float | None, typer.Option(
+        min=0.01, max=1.0,
+        help="Resample factor before the network (0.5 = half resolution).",
+    )] = None,
+    levels: Annotated[int | None, typer.Option(min=1, max=8, help="Pyramid levels (overrides the preset).")] = None,
+    int_steps: Annotated[int | None, typer.Option(
+        min=0, help="Scaling-and-squaring steps per level (overrides the preset; 0 = none).",
+    )] = None,
+    shape: Annotated[tuple[int, int, int] | None, typer.Option(
+        help="Image size D H W fed to the model (synth: generated size) [default: synth 160 224 192, else native].",
+    )] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Total optimisation steps (wins over --epochs).")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (synth epoch = 1000 pairs).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Pairs per step and per process. [default: 1]")] = None,
-    lr: Annotated[float | None, typer.Option(min=0.0, help="Initial learning rate (Adam amsgrad, poly decay 0.9). [default: 1e-4]")] = None,
-    val_every: Annotated[int | None, typer.Option(min=0, help="Validate every N steps (0 = at the end). [default: 500]")] = None,
+    lr: Annotated[float | None, typer.Option(
+        min=0.0,
+        help="Initial learning rate (Adam amsgrad, poly decay 0.9). [default: 1e-4]",
+    )] = None,
+    val_every: Annotated[int | None, typer.Option(
+        min=0,
+        help="Validate every N steps (0 = at the end). [default: 500]",
+    )] = None,
     save_every: Annotated[int | None, typer.Option(min=0, help="Write last.pt every N steps. [default: 500]")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the weights and of every sample. [default: 0]")] = None,
-    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision (CUDA only). [default: off]")] = None,
+    amp: Annotated[bool | None, typer.Option(
+        "--amp/--no-amp",
+        help="Mixed precision (CUDA only). [default: off]",
+    )] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue a run: its last.pt or its run directory.")] = None,
-    smooth_weight: Annotated[float | None, typer.Option(min=0.0, help="Weight of the velocity smoothness term. [default: 1.0]")] = None,
+    smooth_weight: Annotated[float | None, typer.Option(
+        min=0.0,
+        help="Weight of the velocity smoothness term. [default: 1.0]",
+    )] = None,
     penalty: Annotated[Penalty | None, typer.Option(help="Smoothness penalty. [default: l2]")] = None,
-    dice_weight: Annotated[float | None, typer.Option(min=0.0, help="Weight of the soft Dice term when labels exist. [default: 1.0]")] = None,
-    windows: Annotated[list[int] | None, typer.Option("--window", help="NCC window per level, repeatable (default: 9 for lumir, 9 5 3 otherwise).")] = None,
-    real_fraction: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="synth: share of real-image pairs. [default: 0.0]")] = None,
-    shapes_fraction: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="synth: share of random-shape pairs when label maps exist. [default: 0.5]")] = None,
-    val_pairs: Annotated[int | None, typer.Option(min=0, help="synth: number of seeded validation pairs. [default: 4]")] = None,
+    dice_weight: Annotated[float | None, typer.Option(
+        min=0.0,
+        help="Weight of the soft Dice term when labels exist. [default: 1.0]",
+    )] = None,
+    windows: Annotated[list[int] | None, typer.Option(
+        "--window",
+        help="NCC window per level, repeatable (default: 9 for lumir, 9 5 3 otherwise).",
+    )] = None,
+    real_fraction: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0,
+        help="synth: share of real-image pairs. [default: 0.0]",
+    )] = None,
+    shapes_fraction: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0,
+        help="synth: share of random-shape pairs when label maps exist. [default: 0.5]",
+    )] = None,
+    val_pairs: Annotated[int | None, typer.Option(
+        min=0,
+        help="synth: number of seeded validation pairs. [default: 4]",
+    )] = None,
     workers: Annotated[int | None, typer.Option(min=0, help="Data-loader worker processes. [default: 0]")] = None,
 ) -> None:
     """Train EOIR on a dataset (or synthetic pairs) and write checkpoints.
@@ -69,7 +114,8 @@ def train_command(
     given: dict[str, Any] = {
         "dataset": dataset.value if dataset else None, "data_dir": str(data_dir) if data_dir else None,
         "preset": preset.value if preset else None, "out": str(out) if out else None, "channels": channels,
-        "input_scale": input_scale, "shape": tuple(shape) if shape else None, "steps": steps, "epochs": epochs,
+        "input_scale": input_scale, "levels": levels, "int_steps": int_steps,
+        "shape": tuple(shape) if shape else None, "steps": steps, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "val_every": val_every, "save_every": save_every, "seed": seed,
         "amp": amp, "device": device, "smooth_weight": smooth_weight, "penalty": penalty.value if penalty else None,
         "dice_weight": dice_weight, "windows": tuple(windows) if windows else None, "real_fraction": real_fraction,
@@ -92,8 +138,15 @@ def train_command(
 def _run_with_progress(config: Any, train: Any) -> Any:
     import os
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
-        TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.text import Text
 
     class Speed(ProgressColumn):

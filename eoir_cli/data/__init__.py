@@ -1,0 +1,1 @@
+"""Training and evaluation data: released dataset layouts (datasets) and synthetic pairs (synth)."""

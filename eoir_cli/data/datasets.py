@@ -1,0 +1,608 @@
+"""Datasets in their released layouts (LUMIR, OASIS, abdomen CT, ACDC, pair lists) and ``synth``.
+
+Every dataset resolves to three lists of :class:`PairRecord`/:class:`ImageRecord` built from the
+data root without touching the images (so bad layouts fail fast with one clear line):
+
+* training: images (random inter-subject pairs) or explicit pairs (ACDC: ED/ES of one subject),
+* validation: labelled pairs (Dice, HD95, TRE),
+* test: the manifest's submission pairs (``fixed``, ``moving``), labels optional.
+
+Images are read lazily with :func:`eoir_cli.io.load_volume` and normalised to [0, 1] (``/255``
+for LUMIR-style uint8 brains, per-image min-max for OASIS/ACDC MRI, HU window [-500, 800] for
+CT). Nothing is ever written inside the data directory.
+
+Sample dicts (what the training loop and ``eoir test`` consume): ``moving``/``fixed``
+``(1, D, H, W)`` float32 in [0, 1]; when labelled, ``moving_labels``/``fixed_labels`` ``(D, H, W)``
+int64 (contiguous class indices for training, original label values for evaluation) and
+``has_labels``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from eoir_cli.errors import EoirError
+
+if TYPE_CHECKING:
+    from eoir_cli.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("synth", "lumir", "oasis", "abdomen", "acdc", "pairs")
+Normalization = Literal["u8", "minmax", "ct"]
+SYNTH_DEFAULT_SHAPE = (160, 224, 192)
+SYNTH_EPOCH = 1000
+VAL_SEED = 20241125
+
+
+class DatasetError(EoirError):
+    """A data root, manifest or file that does not fit the requested dataset layout."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image (and optional label map) of a dataset, identified for messages by ``entry``."""
+
+    image: Path
+    seg: Path | None = None
+    entry: str = ""
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """A (fixed, moving) pair of records; ``fixed``'s grid is the output grid."""
+
+    fixed: ImageRecord
+    moving: ImageRecord
+
+
+@dataclass
+class DatasetLayout:
+    """A released dataset resolved to records (no image read yet).
+
+    Attributes:
+        name: dataset name.
+        root: data root.
+        train_images: images for random inter-subject training pairs (empty when
+            ``train_pairs`` is used instead).
+        train_pairs: explicit training pairs (ACDC ED<->ES).
+        val_pairs: labelled validation pairs.
+        test_pairs: submission pairs from the manifest.
+        normalization: how intensities map to [0, 1].
+        labels: label values used for training Dice and evaluation (None = all present).
+        spacing: voxel size in mm (evaluation HD95/TRE), None = read from the files.
+    """
+
+    name: str
+    root: Path
+    train_images: list[ImageRecord] = field(default_factory=list)
+    train_pairs: list[PairRecord] = field(default_factory=list)
+    val_pairs: list[PairRecord] = field(default_factory=list)
+    test_pairs: list[PairRecord] = field(default_factory=list)
+    normalization: Normalization = "minmax"
+    labels: tuple[int, ...] | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and normalising images
+
+
+def normalize(data: np.ndarray, how: Normalization) -> np.ndarray:
+    """Map intensities to [0, 1] float32: ``u8`` = /255, ``ct`` = clip HU to [-500, 800], ``minmax``."""
+    if how == "u8":
+        return np.clip(data / 255.0, 0.0, 1.0).astype(np.float32)
+    if how == "ct":
+        return ((np.clip(data, -500.0, 800.0) + 500.0) / 1300.0).astype(np.float32)
+    lo, hi = float(data.min()), float(data.max())
+    return ((data - lo) / max(hi - lo, 1e-6)).astype(np.float32)
+
+
+def read_image(record: ImageRecord, how: Normalization) -> tuple[np.ndarray, np.ndarray]:
+    """``(image (D, H, W) float32 in [0, 1], affine 4x4)``; errors name the manifest entry."""
+    from eoir_cli.io import load_volume
+
+    try:
+        vol = load_volume(record.image, "image")
+    except EoirError as err:
+        raise DatasetError(f"{record.entry or record.image}: {err}") from None
+    return normalize(vol.data, how), vol.affine
+
+
+def read_labels(record: ImageRecord, shape: tuple[int, ...]) -> np.ndarray:
+    """Label map ``(D, H, W)`` int64 of ``record``, checked against the image ``shape``."""
+    from eoir_cli.io import load_volume
+
+    if record.seg is None:
+        raise DatasetError(f"{record.entry or record.image}: expected a label map, got none")
+    try:
+        vol = load_volume(record.seg, "label")
+    except EoirError as err:
+        raise DatasetError(f"{record.entry or record.seg}: {err}") from None
+    if tuple(vol.shape) != tuple(shape):
+        raise DatasetError(f"{record.entry or record.seg}: label shape {vol.shape} differs from image shape "
+                           f"{tuple(shape)} ({record.seg} vs {record.image})")
+    return vol.data.astype(np.int64)
+
+
+def _to_shape(image: torch.Tensor, shape: tuple[int, int, int] | None, mode: str) -> torch.Tensor:
+    from eoir_cli.spatial import resize
+
+    if shape is None or tuple(image.shape[-3:]) == tuple(shape):
+        return image
+    if mode == "nearest":
+        return resize(image[None, None].float(), size=shape, mode="nearest")[0, 0].long()
+    return resize(image[None], size=shape)[0]
+
+
+def load_pair(pair: PairRecord, how: Normalization, labels: bool, shape: tuple[int, int, int] | None = None,
+              lut: np.ndarray | None = None, affines: bool = False) -> dict[str, torch.Tensor]:
+    """Read one pair into a sample dict (see module docstring).
+
+    Args:
+        pair: the records.
+        how: intensity normalisation.
+        labels: also read the label maps.
+        shape: resample to this size (trilinear / nearest), None = keep the native size.
+        lut: map label values to contiguous classes (``lut[value]``), None = keep values.
+        affines: also return ``moving_affine``/``fixed_affine`` ``(4, 4)`` float64 (voxel -> mm).
+    """
+    out: dict[str, torch.Tensor] = {}
+    sizes = {}
+    for name, rec in (("moving", pair.moving), ("fixed", pair.fixed)):
+        image, affine = read_image(rec, how)
+        sizes[name] = image.shape
+        if affines:
+            out[f"{name}_affine"] = torch.from_numpy(affine)
+        out[name] = _to_shape(torch.from_numpy(image)[None], shape, "trilinear")
+        if labels:
+            seg = read_labels(rec, image.shape)
+            if lut is not None:
+                seg = lut[np.clip(seg, 0, len(lut) - 1)]
+            out[f"{name}_labels"] = _to_shape(torch.from_numpy(seg), shape, "nearest")
+    if shape is None and sizes["moving"] != sizes["fixed"]:
+        raise DatasetError(f"{pair.moving.entry or pair.moving.image} and {pair.fixed.entry or pair.fixed.image}: "
+                           f"expected equal image shapes, got {sizes['moving']} vs {sizes['fixed']} "
+                           "(pass --shape to resample)")
+    if labels:
+        out["has_labels"] = torch.tensor(True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Training data for the training loop
+
+
+@dataclass
+class TrainingData:
+    """What :func:`eoir_cli.train.train` consumes.
+
+    Attributes:
+        train: map-style dataset, ``train[i]`` a deterministic sample dict for any ``i >= 0``.
+        epoch_length: samples per epoch.
+        val: validation sample dicts (labelled when ``num_classes > 0``).
+        num_classes: classes of the training labels (0 = no label supervision).
+        shape: fixed sample size, or None when sizes vary.
+    """
+
+    train: torch.utils.data.Dataset
+    epoch_length: int
+    val: list[dict[str, torch.Tensor]]
+    num_classes: int
+    shape: tuple[int, int, int] | None
+
+
+class RealPairs(torch.utils.data.Dataset):
+    """Deterministic training pairs of a released dataset: ``dataset[i]`` depends on ``(seed, i)``."""
+
+    def __init__(self, layout: DatasetLayout, seed: int, shape: tuple[int, int, int] | None,
+                 lut: np.ndarray | None) -> None:
+        self.layout = layout
+        self.seed = seed
+        self.shape = shape
+        self.lut = lut
+
+    def __len__(self) -> int:
+        return max(len(self.layout.train_images), len(self.layout.train_pairs))
+
+    def pair(self, index: int) -> PairRecord:
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + int(index) * 7919 + 99991) % (2**63 - 1))
+        if self.layout.train_pairs:
+            return self.layout.train_pairs[int(torch.randint(len(self.layout.train_pairs), (), generator=gen))]
+        images = self.layout.train_images
+        i = int(torch.randint(len(images), (), generator=gen))
+        j = int(torch.randint(len(images) - 1, (), generator=gen))
+        j = j + 1 if j >= i else j
+        return PairRecord(fixed=images[j], moving=images[i])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return load_pair(self.pair(index), self.layout.normalization, self.lut is not None, self.shape, self.lut)
+
+
+def label_lut(values: Sequence[int]) -> np.ndarray:
+    """Lookup table value -> contiguous class (0 stays 0; values not listed map to 0)."""
+    values = sorted({0, *[int(v) for v in values]})
+    lut = np.zeros(max(values) + 1, dtype=np.int64)
+    for i, v in enumerate(values):
+        lut[v] = i
+    return lut
+
+
+def build_training_data(config: TrainConfig) -> TrainingData:
+    """Training samples, validation pairs and label classes for ``config.dataset``."""
+    if config.dataset == "synth":
+        return _synth_training_data(config)
+    layout = open_dataset(config.dataset, config.data_dir)
+    train_labelled = layout.labels is not None and all(
+        r.seg is not None for r in layout.train_images) and all(
+        p.fixed.seg is not None and p.moving.seg is not None for p in layout.train_pairs)
+    lut = label_lut(layout.labels) if train_labelled and layout.labels else None
+    train = RealPairs(layout, config.seed, config.shape, lut)
+    val = [load_pair(p, layout.normalization, True, config.shape, lut) for p in layout.val_pairs]
+    num_classes = int(lut.max()) + 1 if lut is not None else 0
+    epoch = len(layout.train_images) or len(layout.train_pairs)
+    shape = config.shape
+    if shape is None and val:
+        shape = tuple(int(s) for s in val[0]["moving"].shape[1:])  # type: ignore[assignment]
+    return TrainingData(train, epoch, val, num_classes, shape)
+
+
+def _synth_training_data(config: TrainConfig) -> TrainingData:
+    from eoir_cli.data.synth import SynthConfig, SynthPairs, default_synth_root
+
+    shape = tuple(config.shape or SYNTH_DEFAULT_SHAPE)
+    root = Path(config.data_dir) if config.data_dir else default_synth_root()
+    synth = SynthConfig(shape=shape, real_fraction=config.real_fraction,  # type: ignore[arg-type]
+                        shapes_fraction=config.shapes_fraction)
+    # Training pairs are synthesised directly at the network size: generating at full size only to
+    # downsample costs ~15x more per pair. Validation pairs stay full size (the model resamples them).
+    scale = config.model_config().input_scale
+    net_shape = tuple(int(round(s * scale)) for s in shape)
+    train_synth = dataclasses.replace(synth, shape=net_shape) if net_shape != shape else synth
+    train = SynthPairs(train_synth, root, seed=config.seed, length=SYNTH_EPOCH)
+    val_set = SynthPairs(synth, root, seed=VAL_SEED)
+    val = [val_set[i] for i in range(config.val_pairs)]
+    return TrainingData(train, SYNTH_EPOCH, val, train.num_classes, shape)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# Released layouts
+
+
+def _check_root(root: str | Path | None, name: str) -> Path:
+    if root is None:
+        raise DatasetError(f"--dataset {name}: expected --data-dir pointing at the dataset root, got none")
+    path = Path(root)
+    if not path.is_dir():
+        raise DatasetError(f"--data-dir {path}: expected the {name} dataset root directory, got no such directory")
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: malformed JSON manifest ({err.msg} at line {err.lineno})") from None
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the manifest ({err.strerror})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a JSON object manifest, got {type(data).__name__}")
+    return data
+
+
+def _rooted(root: Path, value: Any, where: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise DatasetError(f"{where}: expected a file path string, got {value!r}")
+    # Learn2Reg manifests write paths as "/imagesTr/x.nii.gz" (or "./imagesTr/..."), relative to the root.
+    return root / value.lstrip("/").removeprefix("./")
+
+
+def _exists(path: Path, where: str) -> Path:
+    if not path.is_file():
+        raise DatasetError(f"{where}: file {path} does not exist")
+    return path
+
+
+def _image_id(path: Path) -> str:
+    """The 4-digit case id of a Learn2Reg file name (``LUMIRMRI_3454_0000`` -> ``3454``)."""
+    stem = path.name.split(".")[0]
+    m = re.match(r"^.*?_(\d+)_\d{4}$", stem) or re.search(r"(\d+)(?!.*\d)", stem)
+    return m.group(1).zfill(4) if m else stem
+
+
+def _entries(manifest: dict[str, Any], key: str, path: Path, required: bool = True) -> list[Any]:
+    value = manifest.get(key)
+    if value is None:
+        if required:
+            raise DatasetError(f"{path}: expected a {key!r} list in the manifest, got none")
+        return []
+    if not isinstance(value, list):
+        raise DatasetError(f"{path}: expected {key!r} to be a list, got {type(value).__name__}")
+    return value
+
+
+def _image_entry(root: Path, entry: Any, where: str, seg_key: str | None = None,
+                 seg_from_image: bool = False) -> ImageRecord:
+    if not isinstance(entry, dict) or "image" not in entry:
+        raise DatasetError(f"{where}: expected an object with an 'image' path, got {entry!r}")
+    image = _exists(_rooted(root, entry["image"], where), where)
+    seg = None
+    if seg_key and entry.get(seg_key):
+        seg = _exists(_rooted(root, entry[seg_key], where), where)
+    elif seg_from_image:
+        guess = Path(str(image).replace("/images", "/labels"))
+        seg = guess if guess.is_file() else None
+    return ImageRecord(image=image, seg=seg, entry=where, id=_image_id(image))
+
+
+def _pair_entry(root: Path, entry: Any, where: str, seg_from_image: bool) -> PairRecord:
+    if not isinstance(entry, dict) or "fixed" not in entry or "moving" not in entry:
+        raise DatasetError(f"{where}: expected an object with 'fixed' and 'moving' paths, got {entry!r}")
+    recs = []
+    for key in ("fixed", "moving"):
+        image = _exists(_rooted(root, entry[key], f"{where}.{key}"), f"{where}.{key}")
+        seg = None
+        if seg_from_image:
+            guess = Path(str(image).replace("/images", "/labels"))
+            seg = guess if guess.is_file() else None
+        recs.append(ImageRecord(image=image, seg=seg, entry=f"{where}.{key}", id=_image_id(image)))
+    return PairRecord(fixed=recs[0], moving=recs[1])
+
+
+def _pairwise(images: Sequence[ImageRecord]) -> list[PairRecord]:
+    """Every ordered pair (fixed != moving) of ``images``."""
+    return [PairRecord(fixed=f, moving=m) for f in images for m in images if f is not m]
+
+
+def _need(records: Sequence[Any], n: int, what: str) -> None:
+    if len(records) < n:
+        raise DatasetError(f"{what}: expected at least {n}, got {len(records)}")
+
+
+def open_lumir(root: str | Path | None) -> DatasetLayout:
+    """LUMIR 2024: ``LUMIR_dataset.json`` (training / validation with seg / test pairs)."""
+    base = _check_root(root, "lumir")
+    manifest_path = _find_manifest(base, ("LUMIR_dataset.json",), "lumir")
+    manifest = _read_json(manifest_path)
+    train = [_image_entry(base, e, f"{manifest_path.name}: training[{i}]")
+             for i, e in enumerate(_entries(manifest, "training", manifest_path))]
+    val_images = [_image_entry(base, e, f"{manifest_path.name}: validation[{i}]", seg_key="seg")
+                  for i, e in enumerate(_entries(manifest, "validation", manifest_path, required=False))]
+    val_images = [r for r in val_images if r.seg is not None]
+    test = [_pair_entry(base, e, f"{manifest_path.name}: test[{i}]", seg_from_image=True)
+            for i, e in enumerate(_entries(manifest, "test", manifest_path, required=False))]
+    _need(train, 2, f"{manifest_path}: training images")
+    return DatasetLayout("lumir", base, train_images=train, val_pairs=_pairwise(val_images), test_pairs=test,
+                         normalization="u8", labels=None)
+
+
+def _find_manifest(base: Path, names: Sequence[str], dataset: str) -> Path:
+    for name in names:
+        if (base / name).is_file():
+            return base / name
+    found = sorted(p.name for p in base.glob("*_dataset.json"))
+    if len(found) == 1:
+        return base / found[0]
+    raise DatasetError(f"--data-dir {base}: expected the {dataset} manifest {names[0]}, got "
+                       f"{found or 'no *_dataset.json'}")
+
+
+def _l2r_json_layout(name: str, base: Path, manifest_path: Path, labels: tuple[int, ...],
+                     how: Normalization) -> DatasetLayout:
+    """Learn2Reg ``*_dataset.json`` (2022+): ``training`` images (+ ``label``), ``registration_val``
+    pairs (labels = image path with images -> labels), ``registration_test`` pairs if listed."""
+    manifest = _read_json(manifest_path)
+    tag = manifest_path.name
+    images = [_image_entry(base, e, f"{tag}: training[{i}]", seg_key="label", seg_from_image=True)
+              for i, e in enumerate(_entries(manifest, "training", manifest_path))]
+    val_key = next((k for k in ("registration_val", "validation") if k in manifest), "registration_val")
+    val = [_pair_entry(base, e, f"{tag}: {val_key}[{i}]", seg_from_image=True)
+           for i, e in enumerate(_entries(manifest, val_key, manifest_path, required=False))]
+    test_key = next((k for k in ("registration_test", "test") if k in manifest), None)
+    test = [_pair_entry(base, e, f"{tag}: {test_key}[{i}]", seg_from_image=True)
+            for i, e in enumerate(_entries(manifest, test_key, manifest_path, required=False))] if test_key else val
+    in_val = {r.image for p in val for r in (p.fixed, p.moving)}
+    train = [r for r in images if r.image not in in_val] or images
+    _need(train, 2, f"{manifest_path}: training images (outside the validation pairs)")
+    return DatasetLayout(name, base, train_images=train, val_pairs=[p for p in val if p.fixed.seg and p.moving.seg],
+                         test_pairs=test, normalization=how, labels=labels)
+
+
+def open_oasis(root: str | Path | None) -> DatasetLayout:
+    """OASIS: Learn2Reg 2022+ (``OASIS_dataset.json``) or 2021 task 3 (``L2R_2021_Task3_*`` folders)."""
+    base = _check_root(root, "oasis")
+    labels = tuple(range(1, 36))
+    if (base / "OASIS_dataset.json").is_file():
+        return _l2r_json_layout("oasis", base, base / "OASIS_dataset.json", labels, "minmax")
+    train_dir = base / "L2R_2021_Task3_train"
+    if not train_dir.is_dir():
+        raise DatasetError(f"--data-dir {base}: expected OASIS_dataset.json (Learn2Reg 2022+) or the folder "
+                           "L2R_2021_Task3_train (Learn2Reg 2021 task 3), found neither")
+    val_dir = base / "L2R_2021_Task3_val"
+
+    def record(folder: Path, case: str, where: str) -> ImageRecord:
+        image = _exists(folder / f"img{case}.nii.gz", where)
+        seg = folder / f"seg{case}.nii.gz"
+        return ImageRecord(image=image, seg=seg if seg.is_file() else None, entry=where, id=case)
+
+    train = [record(train_dir, p.name[3:7], f"{train_dir.name}/{p.name}")
+             for p in sorted(train_dir.glob("img*.nii.gz"))]
+    _need(train, 2, f"{train_dir}: training images img*.nii.gz")
+    csv_path = next((p for p in (base / "pairs_val.csv", val_dir / "pairs_val.csv") if p.is_file()), None)
+    pairs: list[PairRecord] = []
+    if csv_path is not None:
+        for i, row in enumerate(_read_csv(csv_path, ("fixed", "moving"))):
+            where = f"{csv_path.name}: row {i + 1}"
+            ids = []
+            for key in ("fixed", "moving"):
+                try:
+                    ids.append(f"{int(float(row[key])):04d}")
+                except ValueError:
+                    raise DatasetError(f"{where}: expected a numeric {key} id, got {row[key]!r}") from None
+            folder = val_dir if (val_dir / f"img{ids[0]}.nii.gz").is_file() else train_dir
+            pairs.append(PairRecord(fixed=record(folder, ids[0], f"{where}.fixed"),
+                                    moving=record(folder, ids[1], f"{where}.moving")))
+    return DatasetLayout("oasis", base, train_images=train,
+                         val_pairs=[p for p in pairs if p.fixed.seg and p.moving.seg], test_pairs=pairs,
+                         normalization="minmax", labels=labels)
+
+
+def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="") as f:
+            sample = f.read(4096)
+            f.seek(0)
+            dialect = csv.Sniffer().sniff(sample, delimiters=",;\t") if sample.strip() else csv.excel
+            reader = csv.DictReader(f, dialect=dialect)
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: cannot read the CSV ({err})") from None
+    if not rows or any(k not in rows[0] for k in required):
+        got = sorted(rows[0]) if rows else "no rows"
+        raise DatasetError(f"{path}: expected a CSV with columns {list(required)}, got {got}")
+    return rows
+
+
+def open_abdomen(root: str | Path | None) -> DatasetLayout:
+    """Abdomen CT: Learn2Reg ``AbdomenCTCT_dataset.json`` or the original ``img/`` + ``label/`` layout."""
+    base = _check_root(root, "abdomen")
+    labels = tuple(range(1, 14))
+    if (base / "AbdomenCTCT_dataset.json").is_file():
+        return _l2r_json_layout("abdomen", base, base / "AbdomenCTCT_dataset.json", labels, "ct")
+    img_dir, lab_dir = base / "img", base / "label"
+    if not img_dir.is_dir():
+        raise DatasetError(f"--data-dir {base}: expected AbdomenCTCT_dataset.json or the folders img/ and label/, "
+                           "found neither")
+    records: dict[int, ImageRecord] = {}
+    for path in sorted(img_dir.glob("img*.nii.gz")):
+        case = int(re.sub(r"\D", "", path.name.split(".")[0]) or -1)
+        seg = lab_dir / path.name.replace("img", "label", 1)
+        records[case] = ImageRecord(image=path, seg=seg if seg.is_file() else None, entry=f"img/{path.name}",
+                                    id=f"{case:04d}")
+    # The original EOIR split: subjects 1-20 train, 21-23 validation, 24-30 test, all ordered pairs.
+    train = [r for c, r in sorted(records.items()) if c <= 20]
+    val = [r for c, r in sorted(records.items()) if 21 <= c <= 23]
+    test = [r for c, r in sorted(records.items()) if c >= 24]
+    _need(train, 2, f"{img_dir}: training subjects img0001..img0020")
+    return DatasetLayout("abdomen", base, train_images=train,
+                         val_pairs=[p for p in _pairwise(val) if p.fixed.seg and p.moving.seg],
+                         test_pairs=_pairwise(test), normalization="ct", labels=labels)
+
+
+_ACDC_TRAIN = {i for lo in (1, 21, 41, 61, 81) for i in range(lo, lo + 17)}
+
+
+def _acdc_frames(folder: Path) -> tuple[ImageRecord, ImageRecord]:
+    cfg = folder / "Info.cfg"
+    if not cfg.is_file():
+        raise DatasetError(f"{folder.name}: expected {cfg} with the ED and ES frame numbers, got no such file")
+    values: dict[str, str] = {}
+    for line in cfg.read_text(errors="replace").splitlines():
+        if ":" in line:
+            key, value = line.split(":", 1)
+            values[key.strip().upper()] = value.strip()
+    recs = []
+    for phase in ("ED", "ES"):
+        try:
+            frame = int(values[phase])
+        except (KeyError, ValueError):
+            raise DatasetError(f"{cfg}: expected an integer '{phase}:' frame entry, "
+                               f"got {values.get(phase)!r}") from None
+        image = folder / f"{folder.name}_frame{frame:02d}.nii.gz"
+        where = f"{folder.name}/Info.cfg {phase}={frame}"
+        _exists(image, where)
+        seg = folder / f"{folder.name}_frame{frame:02d}_gt.nii.gz"
+        recs.append(ImageRecord(image=image, seg=seg if seg.is_file() else None, entry=where,
+                                id=f"{folder.name[7:]}_{phase.lower()}"))
+    return recs[0], recs[1]
+
+
+def open_acdc(root: str | Path | None) -> DatasetLayout:
+    """ACDC as released (``patientXXX/`` folders with ``Info.cfg``); ED->ES and ES->ED pairs."""
+    base = _check_root(root, "acdc")
+    folders = sorted({p for pattern in ("patient[0-9]*", "*/patient[0-9]*") for p in base.glob(pattern) if p.is_dir()},
+                     key=lambda p: p.name)
+    if not folders:
+        raise DatasetError(f"--data-dir {base}: expected ACDC patientXXX folders (or training/ and testing/ holding "
+                           "them), found none")
+    train: list[PairRecord] = []
+    val: list[PairRecord] = []
+    test: list[PairRecord] = []
+    for folder in folders:
+        try:
+            number = int(folder.name[7:])
+        except ValueError:
+            continue
+        ed, es = _acdc_frames(folder)
+        both = [PairRecord(fixed=es, moving=ed), PairRecord(fixed=ed, moving=es)]
+        (train if number in _ACDC_TRAIN else val if number <= 100 else test).extend(both)
+    _need(train, 1, f"{base}: ACDC training patients (001-017, 021-037, 041-057, 061-077, 081-097)")
+    return DatasetLayout("acdc", base, train_pairs=train,
+                         val_pairs=[p for p in val if p.fixed.seg and p.moving.seg], test_pairs=test or val,
+                         normalization="minmax", labels=(1, 2, 3))
+
+
+def open_pairs(root: str | Path | None) -> DatasetLayout:
+    """A pair list: JSON (``[{fixed, moving, fixed_seg?, moving_seg?}]`` or ``{"pairs": [...]}``) or CSV
+    with those columns. Relative paths are relative to the list file; ``--data-dir`` may be the file
+    or a directory holding ``pairs.json``/``pairs.csv``."""
+    if root is None:
+        raise DatasetError("--dataset pairs: expected --data-dir pointing at a pairs .json/.csv file, got none")
+    path = Path(root)
+    if path.is_dir():
+        path = next((path / n for n in ("pairs.json", "pairs.csv") if (path / n).is_file()), path / "pairs.json")
+    if not path.is_file():
+        raise DatasetError(f"--data-dir {root}: expected a pairs .json/.csv file (or a folder with pairs.json), "
+                           "got no such file")
+    if path.suffix.lower() == ".csv":
+        entries: list[Any] = _read_csv(path, ("fixed", "moving"))
+    else:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}: malformed JSON pair list ({err.msg} at line {err.lineno})") from None
+        entries = data.get("pairs") if isinstance(data, dict) else data
+        if not isinstance(entries, list):
+            raise DatasetError(f"{path}: expected a list of pairs (or {{'pairs': [...]}}), got {type(data).__name__}")
+    base = path.parent
+    pairs = []
+    for i, entry in enumerate(entries):
+        where = f"{path.name}: pair {i + 1}"
+        if not isinstance(entry, dict) or not entry.get("fixed") or not entry.get("moving"):
+            raise DatasetError(f"{where}: expected 'fixed' and 'moving' paths, got {entry!r}")
+        recs = []
+        for key in ("fixed", "moving"):
+            image = _exists(_resolve(base, entry[key]), f"{where}.{key}")
+            seg_value = entry.get(f"{key}_seg")
+            seg = _exists(_resolve(base, seg_value), f"{where}.{key}_seg") if seg_value else None
+            recs.append(ImageRecord(image=image, seg=seg, entry=f"{where}.{key}", id=_image_id(image)))
+        pairs.append(PairRecord(fixed=recs[0], moving=recs[1]))
+    _need(pairs, 1, f"{path}: pairs")
+    return DatasetLayout("pairs", base, train_pairs=pairs,
+                         val_pairs=[p for p in pairs if p.fixed.seg and p.moving.seg], test_pairs=pairs,
+                         normalization="minmax", labels=None)
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else base / p
+
+
+def open_dataset(name: str, root: str | Path | None) -> DatasetLayout:
+    """Resolve a released dataset layout under ``root`` (see module docstring)."""
+    openers: dict[str, Callable[[str | Path | None], DatasetLayout]] = {
+        "lumir": open_lumir, "oasis": open_oasis, "abdomen": open_abdomen, "acdc": open_acdc, "pairs": open_pairs}
+    if name not in openers:
+        raise DatasetError(f"--dataset: expected one of {sorted(openers)}, got {name!r}")
+    return openers[name](root)

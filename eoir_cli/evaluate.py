@@ -1,0 +1,221 @@
+"""Evaluating a model on a dataset's labelled validation pairs, and writing submission fields.
+
+Metrics (from :mod:`eoir_cli.metrics`, the challenge definitions): Dice (mean and per label, before
+and after registration), HD95 (mm), NDV (%), % of voxels with J <= 0, SDlogJ, and TRE (mm) when
+landmark images exist (the image path with ``images`` -> ``landmarks``, one blob per landmark).
+Submission fields: ``disp_<fixed id>_<moving id>.nii.gz``, float32 ``(D, H, W, 3)``, voxels in
+array-axis order, on the fixed grid (``warped(x) = moving(x + u(x))``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from eoir_cli.errors import EoirError
+
+log = logging.getLogger(__name__)
+
+
+def padded_size(size: tuple[int, ...], multiple: tuple[int, ...], scale: float) -> tuple[int, int, int]:
+    """Smallest size >= ``size`` that ``scale`` maps to whole multiples of ``multiple``.
+
+    Example: size 150, multiple 16, scale 0.5 -> 160 (160 * 0.5 = 80 = 5 * 16).
+    """
+    out = []
+    for n, m in zip(size, multiple, strict=True):
+        p = max(n, 1)
+        while True:
+            net = p * scale
+            if abs(net - round(net)) < 1e-6 and round(net) % m == 0 and round(net) >= m:
+                break
+            p += 1
+        out.append(p)
+    return tuple(out)  # type: ignore[return-value]
+
+
+def predict_disp(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """Displacement ``(N, 3, D, H, W)`` in voxels for inputs of any size.
+
+    Inputs the network cannot take are zero-padded at the far end of each axis to the next size it
+    can (see :func:`padded_size`) and the displacement is cropped back, so voxel indices keep their
+    meaning.
+
+    Args:
+        model: an EOIR (eval mode is the caller's choice).
+        moving: ``(N, 1, D, H, W)`` in [0, 1].
+        fixed: ``(N, 1, D, H, W)`` in [0, 1], same shape.
+    """
+    config = model.config
+    size = tuple(int(s) for s in moving.shape[2:])
+    target = padded_size(size, config.size_multiple(), config.input_scale)
+    if target == size:
+        return model(moving, fixed)
+    pad = []
+    for n, p in zip(reversed(size), reversed(target), strict=True):
+        pad += [0, p - n]
+    disp = model(F.pad(moving, pad), F.pad(fixed, pad))
+    return disp[:, :, : size[0], : size[1], : size[2]]
+
+
+@dataclass
+class EvalResult:
+    """Per-pair rows, the summary and the files written."""
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _landmarks(image: Path) -> Path | None:
+    guess = Path(str(image).replace("/images", "/landmarks"))
+    return guess if guess != image and guess.is_file() else None
+
+
+def _spacing(affine: torch.Tensor) -> tuple[float, float, float]:
+    a = affine.numpy()
+    return tuple(float(s) for s in np.linalg.norm(a[:3, :3], axis=0))  # type: ignore[return-value]
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def evaluate(model_path: str, dataset: str, data_dir: str | Path, out: str | Path | None = None,
+             save_disp: bool = False, device: str = "cpu", hd95: bool = True,
+             callback: Callable[[str, int, int], None] | None = None) -> EvalResult:
+    """Evaluate ``model_path`` on the labelled validation pairs of a dataset.
+
+    Args:
+        model_path: checkpoint (ours or an original EOIR ``.pth``) or ``default``/preset name.
+        dataset: ``lumir``, ``oasis``, ``abdomen``, ``acdc`` or ``pairs``.
+        data_dir: dataset root (read only).
+        out: where ``pairs.csv``, ``summary.json`` (and ``submission/``) go; None = write nothing.
+        save_disp: also write submission fields for the manifest's ``test`` pairs.
+        device: torch device.
+        hd95: compute HD95 (the slowest metric).
+        callback: ``callback(stage, done, total)`` after each pair (progress display).
+
+    Raises:
+        EoirError: bad dataset layout or files; a dataset with nothing to evaluate.
+    """
+    from eoir_cli.checkpoint import load_model
+    from eoir_cli.data.datasets import load_pair, open_dataset
+    from eoir_cli.metrics import dice_per_label, field_metrics, hd95_per_label, landmarks_from_label_image, tre_mm
+    from eoir_cli.spatial import warp
+
+    if dataset == "synth":
+        raise EoirError("eoir test: --dataset synth has no released validation pairs; use lumir, oasis, abdomen, "
+                        "acdc or pairs")
+    layout = open_dataset(dataset, data_dir)
+    if not layout.val_pairs and not (save_disp and layout.test_pairs):
+        raise EoirError(f"--data-dir {data_dir}: the {dataset} dataset has no labelled validation pairs to evaluate"
+                        + ("" if save_disp else " (and --save-disp was not asked)"))
+    if save_disp and not layout.test_pairs:
+        raise EoirError(f"--save-disp: the {dataset} manifest lists no test pairs")
+    model = load_model(model_path, device=device)
+    dev = torch.device(device)
+    labels = list(layout.labels) if layout.labels else None
+    rows: list[dict[str, Any]] = []
+    per_label: dict[int, list[float]] = {}
+    for i, pair in enumerate(layout.val_pairs):
+        t0 = time.perf_counter()
+        sample = load_pair(pair, layout.normalization, True, affines=True)
+        moving, fixed = sample["moving"][None].to(dev), sample["fixed"][None].to(dev)
+        with torch.no_grad():
+            disp = predict_disp(model, moving, fixed)
+        warped = warp(sample["moving_labels"][None, None].float().to(dev), disp, mode="nearest")[0, 0]
+        warped_np = warped.long().cpu().numpy()
+        fixed_lab, moving_lab = sample["fixed_labels"].numpy(), sample["moving_labels"].numpy()
+        dice = dice_per_label(warped_np, fixed_lab, labels)
+        before = dice_per_label(moving_lab, fixed_lab, labels)
+        disp_np = disp[0].cpu().numpy().astype(np.float64)
+        spacing = _spacing(sample["fixed_affine"])
+        row: dict[str, Any] = {"fixed": pair.fixed.id, "moving": pair.moving.id,
+                               "dice": _nanmean(list(dice.values())), "dice_before": _nanmean(list(before.values()))}
+        if hd95:
+            row["hd95_mm"] = _nanmean(list(hd95_per_label(warped_np, fixed_lab, labels, spacing).values()))
+        row.update(field_metrics(disp_np))
+        lm_f, lm_m = _landmarks(pair.fixed.image), _landmarks(pair.moving.image)
+        if lm_f is not None and lm_m is not None:
+            from eoir_cli.io import load_volume
+
+            pf = landmarks_from_label_image(load_volume(lm_f, "label").data)
+            pm = landmarks_from_label_image(load_volume(lm_m, "label").data)
+            common = sorted(set(pf) & set(pm))
+            if common:
+                row["tre_mm"] = float(np.mean(tre_mm(np.stack([pf[k] for k in common]),
+                                                     np.stack([pm[k] for k in common]), disp_np, spacing)))
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        rows.append(row)
+        for k, v in dice.items():
+            per_label.setdefault(int(k), []).append(v)
+        if callback is not None:
+            callback("evaluate", i + 1, len(layout.val_pairs))
+
+    summary: dict[str, Any] = {"model": str(model_path), "dataset": dataset, "data_dir": str(data_dir),
+                               "pairs": len(rows)}
+    if rows:
+        for key in rows[0]:
+            if key not in ("fixed", "moving"):
+                summary[key] = _nanmean([r.get(key, float("nan")) for r in rows])
+        if "tre_mm" in {k for r in rows for k in r}:
+            summary["tre_mm"] = _nanmean([r.get("tre_mm", float("nan")) for r in rows])
+        summary["dice_per_label"] = {str(k): _nanmean(v) for k, v in sorted(per_label.items())}
+
+    files: dict[str, Path] = {}
+    if out is not None:
+        from eoir_cli.fileio import write_json_atomic, write_text_atomic
+
+        out = Path(out)
+        _refuse_inside(out, layout.root)
+        if rows:
+            buf = io.StringIO()
+            columns = list(dict.fromkeys(k for r in rows for k in r))
+            writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+            files["pairs.csv"] = write_text_atomic(out / "pairs.csv", buf.getvalue())
+            files["summary.json"] = write_json_atomic(out / "summary.json", summary)
+        if save_disp:
+            files["submission"] = write_submission(model, layout, out / "submission", dev, callback)
+    elif save_disp:
+        raise EoirError("--save-disp: expected --out for the submission files, got none")
+    return EvalResult(rows, summary, files)
+
+
+def _refuse_inside(out: Path, root: Path) -> None:
+    out_r, root_r = out.resolve(), root.resolve()
+    if out_r == root_r or root_r in out_r.parents:
+        raise EoirError(f"--out {out}: expected a directory outside the data directory {root} (never written)")
+
+
+def write_submission(model: torch.nn.Module, layout: Any, folder: Path, device: torch.device,
+                     callback: Callable[[str, int, int], None] | None = None) -> Path:
+    """Write ``disp_<fixed id>_<moving id>.nii.gz`` (float32 ``(D, H, W, 3)``, voxels) per test pair."""
+    from eoir_cli.data.datasets import load_pair
+    from eoir_cli.io import save_volume
+
+    _refuse_inside(folder, layout.root)
+    for i, pair in enumerate(layout.test_pairs):
+        sample = load_pair(pair, layout.normalization, False, affines=True)
+        with torch.no_grad():
+            disp = predict_disp(model, sample["moving"][None].to(device), sample["fixed"][None].to(device))
+        field_np = disp[0].permute(1, 2, 3, 0).cpu().numpy().astype(np.float32)
+        save_volume(folder / f"disp_{pair.fixed.id}_{pair.moving.id}.nii.gz", field_np,
+                    sample["fixed_affine"].numpy(), dtype=np.float32, intent="vector")
+        if callback is not None:
+            callback("submission", i + 1, len(layout.test_pairs))
+    return folder

@@ -1,0 +1,191 @@
+"""Reading and writing NIfTI volumes with one clear error line for every bad input.
+
+Convention: a :class:`Volume` holds the array in the file's own voxel order (``data[i, j, k]``)
+and the 4×4 ``affine`` that maps a voxel index ``(i, j, k, 1)`` to scanner RAS+ millimetres
+(nibabel's convention). Nothing is reoriented here; :mod:`eoir_cli.preprocess` does that.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from eoir_cli.errors import EoirError
+from eoir_cli.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+Kind = Literal["image", "label"]
+
+
+class VolumeError(EoirError):
+    """An input volume that cannot be used (missing, not NIfTI, wrong dimensionality, bad values)."""
+
+
+@dataclass
+class Volume:
+    """One 3-D volume as read from disk.
+
+    Attributes:
+        data: ``(D, H, W)`` array in file voxel order; float32 for images, int32 for label maps.
+        affine: ``(4, 4)`` float64, voxel index -> RAS+ mm.
+        header: the original nibabel header (copied; used to write outputs on the same grid).
+        path: the file it came from (None for in-memory volumes).
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: Any = None
+    path: Path | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along array axes 0, 1, 2 (column norms of the affine)."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else "<array>"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def is_nifti_path(path: str | os.PathLike[str]) -> bool:
+    """True for names ending in ``.nii`` or ``.nii.gz`` (case-insensitive)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def load_volume(path: str | os.PathLike[str], kind: Kind = "image", what: str | None = None) -> Volume:
+    """Read a 3-D NIfTI file and validate it.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+        kind: ``"image"`` (float32; rejects NaN/Inf and constant images) or ``"label"`` (int32;
+            rejects non-integer values).
+        what: name used in messages (e.g. ``"fixed"``); defaults to ``kind``.
+
+    Returns:
+        The :class:`Volume`. A 4-D file whose 4th axis has length 1 is squeezed to 3-D.
+
+    Raises:
+        VolumeError: one line naming the file and the problem ("expected ..., got ...").
+    """
+    import nibabel as nib
+
+    what = what or kind
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(f"{what} {path}: no such file")
+    if path.is_dir():
+        raise VolumeError(f"{what} {path}: is a directory, expected a .nii or .nii.gz file")
+    if not is_nifti_path(path):
+        suffix = "".join(path.suffixes) or "(none)"
+        raise VolumeError(f"{what} {path}: expected a NIfTI file (.nii or .nii.gz), got suffix {suffix!r}")
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise VolumeError(f"{what} {path}: expected a NIfTI image, got {type(img).__name__}")
+        raw = np.asanyarray(img.dataobj)
+    except VolumeError:
+        raise
+    except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError,
+            nib.spatialimages.HeaderDataError, MemoryError, TypeError) as err:
+        raise VolumeError(f"{what} {path}: not a readable NIfTI file ({_first_line(err)})") from None
+    shape = raw.shape
+    if raw.ndim == 4 and shape[3] == 1:
+        raw = raw[..., 0]
+    if raw.ndim != 3:
+        raise VolumeError(f"{what} {path}: expected a 3-D volume, got {raw.ndim}-D shape {tuple(shape)}")
+    if min(raw.shape) < 2:
+        raise VolumeError(f"{what} {path}: expected at least 2 voxels along every axis, got shape {raw.shape}")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise VolumeError(f"{what} {path}: the header's affine is not invertible or not finite")
+    data = _check_values(raw, kind, f"{what} {path}")
+    return Volume(data=data, affine=affine, header=img.header.copy(), path=path)
+
+
+def _check_values(raw: np.ndarray, kind: Kind, name: str) -> np.ndarray:
+    if raw.dtype.kind not in "biuf":
+        raise VolumeError(f"{name}: expected a numeric voxel type, got {raw.dtype}")
+    if kind == "label":
+        if raw.dtype.kind == "f":
+            if not np.all(np.isfinite(raw)):
+                raise VolumeError(f"{name}: expected integer labels, got NaN/Inf voxels")
+            if not np.array_equal(raw, np.round(raw)):
+                raise VolumeError(f"{name}: expected integer labels, got fractional values")
+        return raw.astype(np.int32)
+    data = raw.astype(np.float32)
+    finite = np.isfinite(data)
+    if not finite.all():
+        bad = int(data.size - finite.sum())
+        raise VolumeError(f"{name}: expected finite intensities, got {bad} NaN/Inf voxels")
+    if float(data.max()) == float(data.min()):
+        raise VolumeError(f"{name}: expected an image with contrast, got a constant image "
+                          f"(all voxels = {data.flat[0]:g})")
+    return data
+
+
+def check_same_grid(label: Volume, image: Volume, what: str, tol_mm: float = 1e-3) -> None:
+    """Raise when a label map is not on its image's voxel grid (shape and affine)."""
+    if label.shape != image.shape:
+        raise VolumeError(f"{what} {label.name}: expected the shape of its image {image.shape}, got {label.shape}")
+    if not np.allclose(label.affine, image.affine, atol=tol_mm):
+        raise VolumeError(f"{what} {label.name}: geometry (affine) differs from its image {image.name} "
+                          f"by up to {np.abs(label.affine - image.affine).max():.3g} mm")
+
+
+def save_volume(
+    path: str | os.PathLike[str],
+    data: np.ndarray,
+    affine: np.ndarray,
+    header: Any = None,
+    dtype: np.dtype | type | None = None,
+    intent: str | None = None,
+) -> Path:
+    """Write a NIfTI file atomically (whole or not at all).
+
+    Args:
+        path: target ``.nii``/``.nii.gz``.
+        data: array to store (3-D, 4-D or 5-D).
+        affine: ``(4, 4)`` voxel -> RAS+ mm written to both qform and sform.
+        header: a header to copy units/codes from (e.g. the fixed image's); None for a fresh one.
+        dtype: on-disk dtype (default: ``data.dtype``).
+        intent: NIfTI intent name (e.g. ``"vector"`` for displacement fields).
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    data = np.asarray(data)
+    if dtype is not None:
+        data = data.astype(dtype)
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=hdr)
+    img.header.set_data_dtype(data.dtype)
+    # Raw values: any scaling from the source header would rescale our floats.
+    img.header.set_slope_inter(1.0, 0.0)
+    qcode = int(img.header["qform_code"]) or 1
+    scode = int(img.header["sform_code"]) or 1
+    img.set_qform(affine, code=qcode)
+    img.set_sform(affine, code=scode)
+    if intent is not None:
+        img.header.set_intent(intent, (), "")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    log.info("wrote %s", path)
+    return path

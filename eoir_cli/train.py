@@ -1,0 +1,618 @@
+"""Training EOIR: one function, :func:`train`, driven by one frozen :class:`TrainConfig`.
+
+Objective (``eoir_cli.losses.deep_supervision_loss``): local NCC + velocity smoothness (+ soft Dice
+when the dataset has labels) summed over the pyramid levels with weights 1/2^i, computed at
+network scale (the images are resampled by the model's ``input_scale`` first). Adam (amsgrad) with
+polynomial learning-rate decay (power 0.9) over the total number of steps, batch size 1 by default.
+
+Reproducibility: sample ``i`` of every dataset is a pure function of ``(seed, i)`` and step ``s``
+uses samples ``(s * world_size + rank) * batch_size + b``, so a run resumed from ``last.pt``
+(weights, optimizer, scheduler, AMP scaler, step, RNG states) reproduces the uninterrupted run's
+losses exactly, without any data-loader state.
+
+Outputs in ``out``: ``config.json`` (resolved config, written at start), ``metrics.csv``,
+``last.pt`` (every ``save_every`` steps), ``best.pt`` (best validation Dice, or NCC without
+labels), ``model.safetensors`` (final weights only) and TensorBoard events when installed.
+
+Multi-GPU / multi-node: launch with ``torchrun`` (``RANK``/``WORLD_SIZE`` set) and training runs
+under DistributedDataParallel (NCCL on CUDA, gloo on CPU); rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from eoir_cli.config import PRESETS, ModelConfig, resolve_config
+from eoir_cli.errors import EoirError
+from eoir_cli.fileio import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+NORMALIZATION = "intensities scaled to [0, 1] (LUMIR/brain: /255; CT: HU clipped to [-500, 800])"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (the single source of training defaults).
+
+    Attributes:
+        dataset: ``synth``, ``lumir``, ``oasis``, ``abdomen``, ``acdc`` or ``pairs``.
+        data_dir: dataset root (synth: label maps; default the shared sample data if present).
+        preset: model preset (``lumir``, ``oasis``, ``abdomen``, ``acdc``).
+        channels: start channels, overriding the preset.
+        input_scale: resample factor before the network, overriding the preset (0.5 = half).
+        levels: pyramid levels, overriding the preset.
+        int_steps: scaling-and-squaring steps, overriding the preset.
+        shape: image size ``(D, H, W)`` fed to the model (synth: generated size; real data:
+            resampled to it when given, else the native size).
+        steps: total optimisation steps (wins over ``epochs``).
+        epochs: passes over the dataset's epoch length (synth: 1000 samples).
+        batch_size: pairs per step and per process.
+        lr: initial learning rate (Adam, amsgrad).
+        val_every: validate every this many steps (0 = only at the end).
+        save_every: write ``last.pt`` every this many steps (and at the end).
+        val_pairs: number of seeded synthetic validation pairs (synth only).
+        seed: seeds the weights and every sample.
+        amp: mixed precision (CUDA only).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        resume: ``last.pt`` (or its run directory) to continue from.
+        out: run directory.
+        windows: NCC window per level (last one for coarser levels); ``None`` = preset default
+            (``(9,)`` for lumir, ``(9, 5, 3)`` otherwise).
+        smooth_weight: weight of the velocity smoothness term.
+        penalty: ``l2`` (LUMIR) or ``l1`` smoothness.
+        dice_weight: weight of the soft Dice term (used when the dataset has labels).
+        real_fraction: synth: share of real-image pairs.
+        shapes_fraction: synth: share of random-shape pairs when label maps exist.
+        num_workers: data-loader worker processes.
+        log_every: rewrite ``metrics.csv`` every this many steps.
+    """
+
+    dataset: str = "synth"
+    data_dir: str | None = None
+    preset: str = "lumir"
+    channels: int | None = None
+    input_scale: float | None = None
+    levels: int | None = None
+    int_steps: int | None = None
+    shape: tuple[int, int, int] | None = None
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 1
+    lr: float = 1e-4
+    val_every: int = 500
+    save_every: int = 500
+    val_pairs: int = 4
+    seed: int = 0
+    amp: bool = False
+    device: str = "auto"
+    resume: str | None = None
+    out: str = "runs/eoir"
+    windows: tuple[int, ...] | None = None
+    smooth_weight: float = 1.0
+    penalty: str = "l2"
+    dice_weight: float = 1.0
+    real_fraction: float = 0.0
+    shapes_fraction: float = 0.5
+    num_workers: int = 0
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name in ("batch_size",):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("steps", "epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: expected >= 1, got {value}")
+        for name in ("val_every", "save_every", "num_workers", "val_pairs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if self.penalty not in ("l1", "l2"):
+            raise ValueError(f"penalty: expected 'l1' or 'l2', got {self.penalty!r}")
+        if self.shape is not None and (len(self.shape) != 3 or min(self.shape) < 2):
+            raise ValueError(f"shape: expected 3 sizes >= 2, got {self.shape}")
+        if self.smooth_weight < 0 or self.dice_weight < 0:
+            raise ValueError("smooth_weight and dice_weight: expected >= 0")
+
+    def model_config(self) -> ModelConfig:
+        return resolve_config(self.preset, channels=self.channels, input_scale=self.input_scale,
+                              levels=self.levels, int_steps=self.int_steps)
+
+    def loss_windows(self) -> tuple[int, ...]:
+        if self.windows:
+            return tuple(self.windows)
+        return (9,) if self.preset == "lumir" else (9, 5, 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"train config: unknown keys {unknown}")
+        fixed = {k: (tuple(v) if k in ("shape", "windows") and v is not None else v) for k, v in data.items()}
+        return cls(**fixed)
+
+    def replace(self, **overrides: Any) -> TrainConfig:
+        return dataclasses.replace(self, **overrides)
+
+
+# Fields a resumed run may change; everything else must match the stored run.
+RESUMABLE_OVERRIDES = frozenset({"resume", "device", "num_workers", "steps", "epochs", "val_every", "save_every",
+                                 "log_every", "out"})
+
+
+@dataclass
+class StepInfo:
+    """What the progress callback receives after every step (and after validations)."""
+
+    step: int
+    total_steps: int
+    terms: dict[str, float]
+    lr: float
+    val_metric: float | None = None
+    val_name: str | None = None
+
+
+@dataclass
+class TrainResult:
+    """Summary of a finished run."""
+
+    out: Path
+    steps: int
+    final_terms: dict[str, float]
+    best_metric: float | None
+    metric_name: str
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+class _Pyramid(nn.Module):
+    """Wraps EOIR so DistributedDataParallel sees ``forward_pyramid`` as the forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        out = self.model.forward_pyramid(moving, fixed)
+        return out.velocities, out.disps
+
+
+@dataclass
+class _Pyr:
+    velocities: list[torch.Tensor]
+    disps: list[torch.Tensor]
+
+
+def _dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the torchrun environment; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return rank, world, local
+
+
+def _resolve_device(device: str, local_rank: int, world: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise EoirError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu)")
+        if world > 1 and device == "cuda":
+            device = f"cuda:{local_rank}"
+    return torch.device(device)
+
+
+def poly_lr_lambda(total_steps: int, power: float = 0.9) -> Callable[[int], float]:
+    """Multiplier ``(1 - step / total) ** power`` for ``LambdaLR`` (floored at 0)."""
+
+    def fn(step: int) -> float:
+        return max(0.0, 1.0 - step / max(total_steps, 1)) ** power
+
+    return fn
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors/plain lists (loadable with ``torch.load(weights_only=True)``)."""
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(mt), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def total_steps(config: TrainConfig, epoch_length: int, world: int = 1) -> int:
+    """``steps`` when given, else ``epochs`` × steps per epoch (default 1 epoch)."""
+    if config.steps is not None:
+        return config.steps
+    per_epoch = max(1, math.ceil(epoch_length / (config.batch_size * world)))
+    return (config.epochs or 1) * per_epoch
+
+
+def _find_resume(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "last.pt"
+    if not p.is_file():
+        raise EoirError(f"--resume {path}: expected a last.pt file or a run directory holding one, got no such file")
+    return p
+
+
+def load_resume_config(path: str) -> TrainConfig:
+    """The training config stored in a checkpoint written by :func:`train`."""
+    p = _find_resume(path)
+    data = _load_checkpoint(p)
+    raw = data.get("train_config")
+    if not isinstance(raw, dict):
+        raise EoirError(f"--resume {p}: expected a checkpoint written by eoir train (with a train_config), got none")
+    return TrainConfig.from_dict(raw)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for damaged files
+        raise EoirError(f"--resume {path}: not a readable checkpoint ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from None
+    if not isinstance(data, dict) or data.get("format") != "eoir" or "optimizer" not in data:
+        raise EoirError(f"--resume {path}: expected a training checkpoint (last.pt/best.pt) written by eoir train")
+    return data
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = [dict(r) for r in csv.DictReader(f)]
+    return [r for r in rows if int(float(r["step"])) <= upto]
+
+
+def _write_metrics(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def _downsample(batch: dict[str, torch.Tensor], net_size: tuple[int, int, int], num_classes: int,
+                use_dice: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    from eoir_cli.spatial import resize
+
+    moving, fixed = batch["moving"], batch["fixed"]
+    if tuple(moving.shape[2:]) != net_size:
+        moving, fixed = resize(moving, size=net_size), resize(fixed, size=net_size)
+    if not use_dice:
+        return moving, fixed, None, None
+    onehots = []
+    valid = batch["has_labels"].to(moving.dtype).view(-1, 1, 1, 1, 1)
+    for key in ("moving_labels", "fixed_labels"):
+        labels = batch[key][:, None].float()
+        if tuple(labels.shape[2:]) != net_size:
+            labels = resize(labels, size=net_size, mode="nearest")
+        onehot = torch.nn.functional.one_hot(labels[:, 0].long(), num_classes).permute(0, 4, 1, 2, 3).float()
+        # Pairs without labels get all-zero one-hots: their Dice is the constant eps/eps, no gradient.
+        onehots.append(onehot * valid)
+    # Only classes present in this batch: absent ones would add a constant Dice of 1 and dilute
+    # the term by a factor that depends on the label table (16 shape classes vs ~50 brain labels).
+    present = (onehots[0].sum(dim=(0, 2, 3, 4)) + onehots[1].sum(dim=(0, 2, 3, 4))) > 0
+    if not bool(present.any()):
+        return moving, fixed, None, None
+    return moving, fixed, onehots[0][:, present], onehots[1][:, present]
+
+
+def validate(model: nn.Module, pairs: Sequence[dict[str, torch.Tensor]], device: torch.device,
+             windows: Sequence[int]) -> tuple[float, str]:
+    """Mean foreground Dice over labelled pairs (``"dice"``), else mean local NCC (``"ncc"``).
+
+    Runs ``model`` (an EOIR) in eval mode on full-size inputs (padded when needed).
+    """
+    from eoir_cli.evaluate import predict_disp
+    from eoir_cli.losses import ncc_loss
+    from eoir_cli.spatial import warp
+
+    was_training = model.training
+    model.eval()
+    dices: list[float] = []
+    nccs: list[float] = []
+    with torch.no_grad():
+        for pair in pairs:
+            moving = pair["moving"][None].to(device)
+            fixed = pair["fixed"][None].to(device)
+            disp = predict_disp(model, moving, fixed)
+            if "moving_labels" in pair and bool(pair.get("has_labels", torch.tensor(True))):
+                warped = warp(pair["moving_labels"][None, None].float().to(device), disp, mode="nearest")[0, 0]
+                dices.append(foreground_dice(warped.long(), pair["fixed_labels"].to(device)))
+            else:
+                nccs.append(-float(ncc_loss(warp(moving, disp), fixed, windows[0])))
+    model.train(was_training)
+    if dices:
+        return float(np.mean(dices)), "dice"
+    return float(np.mean(nccs)) if nccs else float("nan"), "ncc"
+
+
+def foreground_dice(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean Dice over the non-zero labels present in either map (torch, any device)."""
+    labels = torch.unique(torch.cat([pred.flatten(), target.flatten()]))
+    scores = []
+    for value in labels.tolist():
+        if value == 0:
+            continue
+        p, t = pred == value, target == value
+        scores.append(float(2 * (p & t).sum()) / float(p.sum() + t.sum()))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def train(config: TrainConfig, callback: Callable[[StepInfo], None] | None = None) -> TrainResult:
+    """Train (or resume training) an EOIR model; see the module docstring for outputs.
+
+    Args:
+        config: the run; with ``config.resume`` the stored run continues (fields outside
+            :data:`RESUMABLE_OVERRIDES` must match the stored ones).
+        callback: called on rank 0 after every step (progress display); exceptions propagate,
+            so a callback can stop the run (``last.pt`` then holds the last saved step).
+
+    Returns:
+        :class:`TrainResult` with the files written.
+
+    Raises:
+        EoirError: bad data, output directory in use, incompatible resume, missing GPU.
+    """
+    import torch.distributed as dist
+
+    from eoir_cli.data.datasets import build_training_data
+    from eoir_cli.losses import deep_supervision_loss
+    from eoir_cli.model import EOIR
+
+    rank, world, local_rank = _dist_env()
+    device = _resolve_device(config.device, local_rank, world)
+    if config.amp and device.type != "cuda":
+        raise EoirError("--amp: mixed precision needs a CUDA device, got --device " + str(device))
+    resume_data: dict[str, Any] | None = None
+    if config.resume:
+        resume_path = _find_resume(config.resume)
+        resume_data = _load_checkpoint(resume_path)
+        stored = TrainConfig.from_dict(resume_data["train_config"])
+        diff = [k for k in config.to_dict() if k not in RESUMABLE_OVERRIDES
+                and config.to_dict()[k] != stored.to_dict()[k]]
+        if diff:
+            raise EoirError(f"--resume {resume_path}: options {diff} differ from the stored run "
+                            f"({ {k: stored.to_dict()[k] for k in diff} }); only {sorted(RESUMABLE_OVERRIDES)} "
+                            "may change")
+    out = Path(config.out)
+    if rank == 0 and not config.resume and (out / "last.pt").exists():
+        raise EoirError(f"--out {out}: already holds a run (last.pt); pass --resume {out} or choose another --out")
+
+    initialised_here = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        initialised_here = True
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    try:
+        return _train(config, callback, device, rank, world, resume_data, build_training_data,
+                      deep_supervision_loss, EOIR)
+    finally:
+        if initialised_here:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, callback: Callable[[StepInfo], None] | None, device: torch.device, rank: int,
+           world: int, resume_data: dict[str, Any] | None, build_training_data: Any, deep_supervision_loss: Any,
+           eoir_cls: Any) -> TrainResult:
+    from torch.nn.parallel import DistributedDataParallel
+
+    out = Path(config.out)
+    model_config = config.model_config()
+    data = build_training_data(config)
+    shape = data.shape
+    net_size = tuple(int(round(s * model_config.input_scale)) for s in shape) if shape else None
+    if net_size is not None:
+        from eoir_cli.spatial import check_size
+
+        if any(abs(s * model_config.input_scale - n) > 1e-6 for s, n in zip(shape, net_size, strict=True)):
+            raise EoirError(f"--shape {shape}: expected sizes that --input-scale {model_config.input_scale} "
+                            "maps to whole numbers")
+        check_size(net_size, model_config.size_multiple(), "network input (--shape x --input-scale)")
+    use_dice = data.num_classes > 0 and config.dice_weight > 0
+    steps_total = total_steps(config, data.epoch_length, world)
+
+    torch.manual_seed(config.seed)
+    model = eoir_cls(model_config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, amsgrad=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(steps_total))
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp)
+    start_step, best, elapsed0 = 0, None, 0.0
+    rows: list[dict[str, Any]] = []
+    if resume_data is not None:
+        model.load_state_dict(resume_data["model"])
+        optimizer.load_state_dict(resume_data["optimizer"])
+        scheduler.load_state_dict(resume_data["scheduler"])
+        if resume_data.get("scaler"):
+            scaler.load_state_dict(resume_data["scaler"])
+        start_step = int(resume_data["step"])
+        best = resume_data.get("best_metric")
+        elapsed0 = float(resume_data.get("elapsed_s", 0.0))
+        set_rng_state(resume_data["rng"])
+        rows = _read_metrics(out / "metrics.csv", start_step)
+        # A longer --steps on resume stretches the decay; the stored lambda has no state to fix.
+        scheduler.lr_lambdas[0] = poly_lr_lambda(steps_total)
+        log.info("resumed %s at step %d", config.resume, start_step)
+
+    metric_name = "dice" if any(bool(p.get("has_labels", False)) and "moving_labels" in p for p in data.val) \
+        else "ncc"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "config.json", {
+            "train": config.to_dict(), "model": model_config.to_dict(), "total_steps": steps_total,
+            "world_size": world, "dataset": {"name": config.dataset, "shape": list(shape) if shape else None,
+                                             "num_classes": data.num_classes, "epoch_length": data.epoch_length,
+                                             "val_pairs": len(data.val)},
+            "normalization": NORMALIZATION,
+        })
+    writer = _tensorboard(out) if rank == 0 else None
+
+    wrapped: nn.Module = _Pyramid(model)
+    if world > 1:
+        wrapped = DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    wrapped.train()
+
+    indices = [(s * world + rank) * config.batch_size + b for s in range(start_step, steps_total)
+               for b in range(config.batch_size)]
+    loader = torch.utils.data.DataLoader(data.train, batch_size=config.batch_size, sampler=indices,
+                                         num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=False)
+    files: dict[str, Path] = {}
+    terms: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def save(name: str, step: int) -> None:
+        files[name] = _save_training_checkpoint(out / name, model, optimizer, scheduler, scaler, step, best,
+                                                config, elapsed0 + time.perf_counter() - t0)
+
+    windows = config.loss_windows()
+    step = start_step
+    for step, batch in enumerate(loader, start=start_step + 1):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        size = net_size or tuple(batch["moving"].shape[2:])
+        moving, fixed, moving_oh, fixed_oh = _downsample(batch, size, data.num_classes, use_dice)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=config.amp):
+            velocities, disps = wrapped(moving, fixed)
+        output = _Pyr([v.float() for v in velocities], [d.float() for d in disps])
+        loss, terms = deep_supervision_loss(
+            output, moving, fixed, moving_oh, fixed_oh, windows=windows, smooth_weight=config.smooth_weight,
+            penalty=config.penalty, dice_weight=config.dice_weight, level_factors=model_config.level_factors)
+        if not math.isfinite(float(loss.detach())):
+            raise EoirError(f"step {step}: the loss is {float(loss.detach())} (diverged); lower --lr or use --amp off")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        if rank != 0:
+            continue
+        row = {"step": step, **{k: round(v, 7) for k, v in terms.items()}, "lr": lr,
+               "time_s": round(elapsed0 + time.perf_counter() - t0, 3)}
+        info = StepInfo(step, steps_total, terms, lr)
+        last = step == steps_total
+        if (config.val_every and step % config.val_every == 0) or last:
+            metric, metric_name = validate(model, data.val, device, windows)
+            row[f"val_{metric_name}"] = metric
+            info.val_metric, info.val_name = metric, metric_name
+            if writer is not None:
+                writer.add_scalar(f"val/{metric_name}", metric, step)
+            if best is None or (math.isfinite(metric) and metric > best):
+                best = metric
+                save("best.pt", step)
+        rows.append(row)
+        if writer is not None:
+            for k, v in terms.items():
+                writer.add_scalar(f"train/{k}", v, step)
+            writer.add_scalar("train/lr", lr, step)
+        if (config.save_every and step % config.save_every == 0) or last:
+            save("last.pt", step)
+        if step % max(config.log_every, 1) == 0 or last or (config.save_every and step % config.save_every == 0):
+            _write_metrics(out / "metrics.csv", rows)
+        if callback is not None:
+            callback(info)
+
+    if rank == 0:
+        _write_metrics(out / "metrics.csv", rows)
+        if "last.pt" not in files and (out / "last.pt").exists():
+            files["last.pt"] = out / "last.pt"
+        if (out / "best.pt").exists():
+            files["best.pt"] = out / "best.pt"
+        from eoir_cli.checkpoint import save_checkpoint
+
+        files["model.safetensors"] = save_checkpoint(out / "model.safetensors", model, extra={
+            "normalization": NORMALIZATION, "train_step": step, "dataset": config.dataset,
+            "best_metric": best, "metric": metric_name})
+        files["metrics.csv"] = out / "metrics.csv"
+        files["config.json"] = out / "config.json"
+        if writer is not None:
+            writer.close()
+    return TrainResult(out, step, terms, best, metric_name, files)
+
+
+def _save_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                              scaler: Any, step: int, best: float | None, config: TrainConfig,
+                              elapsed: float) -> Path:
+    from eoir_cli.checkpoint import save_checkpoint
+
+    return save_checkpoint(path, model, extra={  # type: ignore[arg-type]
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "step": step,
+        "best_metric": best,
+        "elapsed_s": elapsed,
+        "rng": rng_state(),
+        "train_config": config.to_dict(),
+        "normalization": NORMALIZATION,
+    })
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    try:
+        return SummaryWriter(log_dir=str(out / "tensorboard"))
+    except Exception as err:  # a broken tensorboard install must not stop training
+        log.warning("tensorboard disabled: %s", err)
+        return None
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node N -m eoir_cli.train [eoir train options]
+    import sys
+
+    from eoir_cli.cli import app
+
+    app(args=["train", *sys.argv[1:]])

@@ -1,0 +1,125 @@
+"""``eoir test`` / evaluate: identity model metrics, submissions, padding; training on a fake LUMIR tree."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from eoir_cli.checkpoint import save_checkpoint
+from eoir_cli.cli import app
+from eoir_cli.config import resolve_config
+from eoir_cli.evaluate import evaluate, padded_size, predict_disp
+from eoir_cli.metrics import mean_dice
+from eoir_cli.model import EOIR
+from eoir_cli.train import TrainConfig, train
+from tests.conftest_data import blob, lumir_tree
+
+runner = CliRunner()
+
+
+def _identity_model(path: Path) -> Path:
+    """An EOIR whose velocity heads are zero: every level's velocity is 0, so disp = 0 (identity)."""
+    model = EOIR(resolve_config("lumir", channels=2))
+    with torch.no_grad():
+        for est in model.estimators:
+            est.to_velocity.weight.zero_()
+            est.to_velocity.bias.zero_()
+    return save_checkpoint(path, model)
+
+
+def test_padded_size_golden() -> None:
+    assert padded_size((150, 160, 17), (16, 16, 16), 0.5) == (160, 160, 32)  # 160*0.5 = 80 = 5*16; 17 -> 32 (16*1)
+    assert padded_size((32, 32, 32), (16, 16, 16), 1.0) == (32, 32, 32)
+
+
+def test_predict_disp_pads_and_crops() -> None:
+    model = EOIR(resolve_config("lumir", channels=2)).eval()
+    x = torch.rand(1, 1, 20, 18, 17)
+    with torch.no_grad():
+        disp = predict_disp(model, x, x)
+    assert disp.shape == (1, 3, 20, 18, 17)
+
+
+def test_identity_model_metrics_and_submission(tmp_path: Path) -> None:
+    root = lumir_tree(tmp_path / "LUMIR")
+    model = _identity_model(tmp_path / "identity.pt")
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["test", "--dataset", "lumir", "--data-dir", str(root), "--model", str(model),
+                                 "--out", str(out), "--save-disp", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    with open(out / "pairs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    # The two labelled images are the same blob shifted by 2 voxels on axis 0.
+    _, a = blob((32, 32, 32), 0)
+    _, b = blob((32, 32, 32), 2)
+    before = mean_dice(a, b)
+    for row in rows:
+        assert float(row["dice"]) == pytest.approx(before, abs=1e-9)
+        assert float(row["dice_before"]) == pytest.approx(before, abs=1e-9)
+        assert float(row["ndv_percent"]) == 0.0
+        assert float(row["jac_nonpos_percent"]) == 0.0
+    assert before == pytest.approx((2944 * 2 / 7168 + 0.75) / 2)  # see test_identity_dice_by_hand
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pairs"] == 2 and summary["dice"] == pytest.approx(before)
+    assert set(summary["dice_per_label"]) == {"1", "2"}
+    files = sorted(p.name for p in (out / "submission").iterdir())
+    assert files == ["disp_3455_3454.nii.gz"]
+    img = nib.load(str(out / "submission" / files[0]))
+    assert img.shape == (32, 32, 32, 3) and img.get_data_dtype() == np.float32
+    assert float(np.abs(np.asarray(img.dataobj)).max()) == 0.0
+
+
+def test_identity_dice_by_hand() -> None:
+    _, a = blob((32, 32, 32), 0)
+    _, b = blob((32, 32, 32), 2)
+    # label 2: 8x8x8 cubes shifted by 2 along axis 0 -> overlap 6*8*8; Dice = 2*384/(512+512) = 0.75
+    assert mean_dice(a, b, labels=[2]) == pytest.approx(0.75)
+    # label 1: 16^3 - 8^3 = 3584 voxels each; overlapping slices x in [10, 24): 256 voxels per slice where
+    # neither inner cube is present (4 slices), 192 where one is (x in [12, 22), 10 slices):
+    # 4*256 + 10*192 = 2944 -> Dice = 2*2944 / 7168 = 0.821428...
+    assert mean_dice(a, b, labels=[1]) == pytest.approx(2 * 2944 / 7168)
+
+
+def test_eval_bad_inputs(tmp_path: Path) -> None:
+    root = lumir_tree(tmp_path / "LUMIR")
+    model = _identity_model(tmp_path / "identity.pt")
+    inside = runner.invoke(app, ["test", "--dataset", "lumir", "--data-dir", str(root), "--model", str(model),
+                                 "--out", str(root / "results"), "--device", "cpu"])
+    assert inside.exit_code == 1 and "outside the data directory" in inside.output
+    assert not (root / "results").exists()
+    missing = runner.invoke(app, ["test", "--dataset", "lumir", "--data-dir", str(tmp_path / "nope"), "--model",
+                                  str(model), "--device", "cpu"])
+    assert missing.exit_code == 1 and "expected the lumir dataset root directory" in missing.output
+    assert "Traceback" not in missing.output
+
+
+def test_padding_odd_sizes(tmp_path: Path) -> None:
+    root = lumir_tree(tmp_path / "LUMIR", shape=(20, 24, 18))
+    model = _identity_model(tmp_path / "identity.pt")
+    result = evaluate(str(model), "lumir", root, tmp_path / "out", save_disp=True, hd95=False)
+    assert result.summary["ndv_percent"] == 0.0
+    img = nib.load(str(tmp_path / "out" / "submission" / "disp_3455_3454.nii.gz"))
+    assert img.shape == (20, 24, 18, 3)
+
+
+def test_few_step_training_on_fake_lumir(tmp_path: Path) -> None:
+    root = lumir_tree(tmp_path / "LUMIR")
+    out = tmp_path / "run"
+    result = train(TrainConfig(dataset="lumir", data_dir=str(root), channels=2, steps=2, val_every=1, save_every=2,
+                               out=str(out), device="cpu"))
+    assert result.metric_name == "dice" and result.best_metric is not None and 0 < result.best_metric <= 1
+    assert (out / "model.safetensors").is_file() and (out / "best.pt").is_file()
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2"]
+    assert rows[0]["dice"] == "0.0"  # LUMIR training images carry no labels: no Dice term
+    ev = evaluate(str(out / "model.safetensors"), "lumir", root, None, hd95=False)
+    assert len(ev.rows) == 2
