@@ -1,11 +1,126 @@
-"""``eoir bench``: placeholder until its issue lands."""
+"""``eoir bench``: latency, throughput, peak memory and FLOP rate per backend, as a table and JSON."""
 
 from __future__ import annotations
 
-from eoir_cli.commands.common import cli_command, fail
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from eoir_cli.commands.common import cli_command, console
+
+
+class BenchBackend(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+    onnx_native = "onnx-native"
+    tensorrt = "tensorrt"
+
+
+class PrecisionChoice(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def default_model() -> tuple[str, str | None]:
+    """The bundled model, or the lumir preset with random weights (and a note saying so)."""
+    from eoir_cli.weights import DEFAULT_WEIGHTS
+
+    if DEFAULT_WEIGHTS.is_file():
+        return "default", None
+    return "lumir", "bundled weights not found: benchmarking the lumir preset (C=32) with random weights"
 
 
 @cli_command
-def bench_command() -> None:
-    """Not available yet."""
-    raise fail("eoir bench is not available in this build yet")
+def bench_command(
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", help="Model to measure (repeatable): checkpoint, .onnx, .engine, preset name or 'default' "
+                        "(default: the bundled model).")] = None,
+    backend: Annotated[list[BenchBackend] | None, typer.Option(
+        help="Backend (repeatable); checkpoints are exported on the fly for onnx/onnx-native/tensorrt "
+             "(default: the file's own backend; with no --model: torch and onnx).")] = None,
+    shape: Annotated[tuple[int, int, int], typer.Option(help="Input size D H W in voxels.")] = (64, 64, 64),
+    runs: Annotated[int, typer.Option(min=1, help="Timed runs per row.")] = 3,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first.")] = 1,
+    threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads (default: library default).")] = None,
+    precision: Annotated[PrecisionChoice, typer.Option(help="fp32; bf16 (torch, CPU AVX512-BF16 or CUDA); "
+                                                            "fp16 (CUDA / TensorRT).")] = PrecisionChoice.fp32,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    channels: Annotated[int | None, typer.Option(min=1, help="Start channels for preset models (e.g. 8).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    isolate: Annotated[bool, typer.Option("--isolate/--no-isolate", help="Measure each row in a fresh process "
+                                                                         "(true peak memory).")] = True,
+) -> None:
+    """Benchmark backends: latency median/p10/p90, pairs/s, peak memory, GFLOP/s.
+
+    Example: eoir bench --model lumir --backend torch --backend onnx --shape 64 64 64 --json bench.json
+    """
+    from rich.table import Table
+
+    from eoir_cli.fileio import write_json_atomic
+    from export.bench import BenchSpec, run_bench
+
+    notes = []
+    models = list(model or [])
+    backends = [b.value for b in backend or []]
+    if not models:
+        name, note = default_model()
+        models = [name]
+        if note:
+            notes.append(note)
+        backends = backends or ["torch", "onnx"]
+    overrides = {"channels": channels} if channels else {}
+    specs = []
+    for m in models:
+        from export.backends import BackendError, backend_kind
+
+        try:
+            kinds = backends or [backend_kind(m)]
+        except BackendError:
+            kinds = ["torch"]  # the row will carry the suffix error
+        for b in kinds:
+            specs.append(BenchSpec(m, b, tuple(shape), precision.value, device, threads, runs, warmup,
+                                   overrides=overrides))
+    for n in notes:
+        console.print(f"[yellow]note:[/] {n}")
+    console.print(f"measuring {len(specs)} row(s) at {tuple(shape)} voxels, {runs} runs + {warmup} warm-up each"
+                  f"{' (each in a fresh process)' if isolate else ''}...")
+    with console.status("benchmarking..."):
+        report = run_bench(specs, isolate=isolate,
+                           on_result=lambda r: console.print(f"  {r['model']} {r['label']}: "
+                                                             + (f"[red]{r['error']}[/]" if r["error"] else
+                                                                f"{r['latency_s']['median']:.3f} s"),
+                                                             highlight=False))
+    report["notes"] = notes
+    machine = report["machine"]
+    table = Table(title=f"eoir bench: {machine['cpu']} ({machine['cpu_cores']} cores)"
+                        + (f", {', '.join(machine['gpus'])}" if machine["gpus"] else ", no GPU"))
+    for col in ("row", "device", "shape", "median s", "p10–p90 s", "pairs/s", "peak MB", "GFLOP/s"):
+        table.add_column(col, justify="left" if col == "row" else "right")
+    footnotes = []
+    for i, r in enumerate(report["results"], 1):
+        name = f"{i}. {Path(r['model']).name} {r['label']}"
+        shape_text = "×".join(map(str, r["shape"]))
+        if r["error"]:
+            table.add_row(name, "-", shape_text, "[red]failed[/]", "-", "-", "-", "-")
+            footnotes.append(f"[red]{i}. {r['error']}[/]")
+            continue
+        lat = r["latency_s"]
+        mem = f"{r['peak_rss_mb']:.0f}" + (f" (GPU {r['gpu_peak_mb']:.0f})" if r.get("gpu_peak_mb") else "")
+        table.add_row(name, r["device"], shape_text, f"{lat['median']:.3f}", f"{lat['p10']:.3f}–{lat['p90']:.3f}",
+                      f"{r['pairs_per_s']:.2f}", mem, f"{r['gflops_per_s']:.1f}" if r.get("gflops_per_s") else "-")
+        for text in (r.get("fallback_reason"), r.get("note")):
+            if text:
+                footnotes.append(f"{i}. {text}")
+    console.print(table)
+    for line in footnotes:
+        console.print(line, highlight=False)
+    load = machine["load_average"][0]
+    if load > (machine["cpu_cores"] or 1):
+        console.print(f"[yellow]note:[/] load average {load:.1f} on {machine['cpu_cores']} cores: "
+                      "other work was running; timings are pessimistic")
+    if json_path is not None:
+        write_json_atomic(json_path, report)
+        console.print(f"wrote {json_path}")

@@ -1,11 +1,103 @@
-"""``eoir export``: placeholder until its issue lands."""
+"""``eoir export``: a checkpoint -> ONNX (gather or native GridSample sampler) [-> TensorRT engine]."""
 
 from __future__ import annotations
 
-from eoir_cli.commands.common import cli_command, fail
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from eoir_cli.commands.common import cli_command, console
+
+
+class ExportSamplerChoice(str, Enum):
+    gather = "gather"
+    native = "native"
+
+
+def _default_output(model: str) -> Path:
+    return Path(Path(model).stem + ".onnx")
 
 
 @cli_command
-def export_command() -> None:
-    """Not available yet."""
-    raise fail("eoir export is not available in this build yet")
+def export_command(
+    model: Annotated[str, typer.Argument(help="Checkpoint (.pt/.pth/.safetensors, ours or the original EOIR code's), "
+                                              "'default' (bundled brain model) or a preset name (random weights).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output .onnx path (default: MODEL.onnx "
+                                                                       "in the current directory).")] = None,
+    shape: Annotated[tuple[int, int, int] | None, typer.Option(
+        help="Input size D H W in voxels (default: the checkpoint's training size, else 160 224 192).")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Leave D, H, W symbolic (multiples of the pyramid "
+                                                            "divisor); --shape is the example size.")] = False,
+    sampler: Annotated[ExportSamplerChoice, typer.Option(
+        help="gather: no GridSample node (TensorRT 10+, every onnxruntime); native: opset-20 GridSample "
+             "(onnxruntime CPU, TensorRT >= 11.2).")] = ExportSamplerChoice.gather,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: 18 gather, 20 native).")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="fp16 weights, activations and I/O (TensorRT 11 strongly "
+                                                      "typed path; with --trt on TensorRT 10 the builder flag "
+                                                      "is used on an fp32 ONNX instead).")] = False,
+    trt: Annotated[bool, typer.Option("--trt", help="Also build OUT.engine (+ OUT.engine.json) with TensorRT; "
+                                                    "needs tensorrt and a CUDA GPU.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare onnxruntime with PyTorch on a "
+                                                                      "smooth synthetic pair (fp32 must be "
+                                                                      "< 1e-3 voxels).")] = True,
+    verify_with: Annotated[tuple[Path, Path] | None, typer.Option(
+        "--verify-with", exists=True, dir_okay=False,
+        help="Verify on this real pair MOVING FIXED (NIfTI; percentile-normalised, resampled to --shape) "
+             "instead of synthetic volumes.")] = None,
+    workspace: Annotated[float, typer.Option(help="TensorRT builder workspace limit in GB.")] = 4.0,
+) -> None:
+    """Export MODEL to ONNX, check it, verify it against PyTorch and report TensorRT compatibility.
+
+    Example: eoir export default -o eoir.onnx --shape 160 224 192
+    """
+    from rich.table import Table
+
+    from eoir_cli.checkpoint import load_model
+    from export.onnx_export import torch2onnx
+
+    output = output or _default_output(model)
+    onnx_fp16 = fp16
+    if trt:
+        from export.tensorrt import require_tensorrt, trt_major
+
+        trt_mod = require_tensorrt()  # fail before any work or file when TensorRT/GPU are missing
+        if fp16 and trt_major(trt_mod) < 11:
+            onnx_fp16 = False  # TensorRT 10: fp32 ONNX + BuilderFlag.FP16
+            console.print(f"TensorRT {trt_mod.__version__}: fp16 via BuilderFlag.FP16 on an fp32 ONNX")
+    net = load_model(model, device="cpu")
+    info = getattr(net, "checkpoint_info", {}) or {}
+    size = tuple(shape) if shape else tuple(info.get("grid_size") or (160, 224, 192))
+    pair = None
+    if verify and verify_with:
+        from export.onnx_export import pair_from_files
+
+        pair = pair_from_files(verify_with[0], verify_with[1], size)
+    with console.status(f"exporting {model} at {size} ({sampler.value} sampler)..."):
+        result = torch2onnx(net, output, shape=size, sampler=sampler.value, dynamic=dynamic, opset=opset,
+                            fp16=onnx_fp16, verify=verify, verify_pair=pair)
+    table = Table(title=f"eoir export: {output}", show_header=False)
+    table.add_row("file", f"{output} ({result.size_bytes / 1e6:.2f} MB, {sum(result.ops.values())} nodes, "
+                          f"exported in {result.seconds:.1f} s)")
+    table.add_row("inputs", f"moving, fixed (1, 1, {'D, H, W' if dynamic else ', '.join(map(str, size))}) "
+                            f"{'float16' if onnx_fp16 else 'float32'} in [0, 1]; output disp (1, 3, ...) voxels")
+    table.add_row("sampler / opset", f"{sampler.value} / {result.metadata['opset']}")
+    table.add_row("ops", ", ".join(f"{k}×{v}" for k, v in result.ops.items()))
+    table.add_row("normalisation", result.metadata["normalization"])
+    if result.verify:
+        v = result.verify
+        table.add_row("verify", f"max |Δdisp| {v['max_abs']:.2e} voxels, mean {v['mean_abs']:.2e} "
+                                f"(onnxruntime vs PyTorch, {v['pair']}, {tuple(v['shape'])}, |disp| ≤ "
+                                f"{v['disp_max']:.2f})")
+    else:
+        table.add_row("verify", "skipped (--no-verify)")
+    report = result.trt or {}
+    table.add_row("TensorRT", f"{report.get('summary', '?')} [assumes {report.get('assumes', '?')}]")
+    if trt:
+        from export.tensorrt import onnx2engine
+
+        with console.status("building the TensorRT engine..."):
+            engine = onnx2engine(output, fp16=fp16, workspace_gb=workspace)
+        table.add_row("engine", f"{engine} (+ {engine.name}.json)")
+    console.print(table)

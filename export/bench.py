@@ -1,0 +1,318 @@
+"""Benchmarks of the deployment backends: latency, throughput, peak memory, achieved FLOP rate.
+
+Method (written down so numbers can be compared across machines):
+
+* One measurement = one (model, backend, precision, shape). By default it runs in a **fresh child
+  process** so its peak resident memory (``VmHWM``) belongs to that measurement alone; the RSS
+  after loading the model (before the first pair) is reported too.
+* ``warmup`` untimed calls, then ``runs`` timed calls of ``backend(moving, fixed)`` on one smooth
+  synthetic pair (numpy in, numpy out, so GPU work is synchronised by the copy back).
+* Latency median / p10 / p90 in seconds; pairs/s = 1 / median; FLOPs from
+  :func:`eoir_cli.info.count_flops` (convolutions; warps and resizes are not counted), achieved
+  GFLOP/s = FLOPs / median.
+* GPU: ``torch.cuda.max_memory_allocated`` for PyTorch backends.
+* A measurement that fails becomes a row with its error; the others still run.
+* Machine metadata: CPU model, cores, load average before and after (contention), GPU, library
+  versions, git commit.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import concurrent.futures.process
+import dataclasses
+import logging
+import multiprocessing
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "eoir-bench/1"
+BENCH_BACKENDS = ("torch", "onnx", "onnx-native", "tensorrt")
+DEFAULT_SHAPE = (64, 64, 64)
+
+
+@dataclasses.dataclass
+class BenchSpec:
+    """One measurement.
+
+    Attributes:
+        model: checkpoint / preset / ``"default"`` / ``.onnx`` / ``.engine`` path.
+        backend: ``torch``, ``onnx`` (gather), ``onnx-native`` (GridSample) or ``tensorrt``.
+        shape: spatial size ``(D, H, W)``.
+        precision: ``fp32``, ``bf16`` or ``fp16``.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        threads: intra-op threads (None = library default).
+        runs: timed calls.
+        warmup: untimed calls first.
+        sampler: PyTorch sampler for the torch backend (``torch`` = grid_sample, ``gather``).
+        label: row label (default built from the fields).
+        overrides: model config overrides for presets (e.g. ``{"channels": 8}``).
+        options: extra backend options (e.g. ``{"eager": True}``, ``{"mem_arena": True}``).
+        save_disp: write the last run's displacement ``(3, D, H, W)`` float32 here (``.npy``), to
+            compare backends' outputs afterwards.
+    """
+
+    model: str
+    backend: str
+    shape: tuple[int, int, int] = DEFAULT_SHAPE
+    precision: str = "fp32"
+    device: str = "auto"
+    threads: int | None = None
+    runs: int = 5
+    warmup: int = 1
+    sampler: str = "torch"
+    label: str | None = None
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    save_disp: str | None = None
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (falls back to platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout this code runs from (None outside git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, memory, GPU, load average, library versions, git commit."""
+    import torch
+
+    from eoir_cli.info import versions
+
+    mem_gb = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gb = round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    flags = ""
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        pass
+    return {
+        "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "memory_gb": mem_gb, "platform": platform.platform(),
+        "cpu_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
+        "versions": versions(), "git_commit": git_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process image (VmHWM).
+
+    Not ``ru_maxrss``: Linux carries that over fork and exec, so a spawned child would report at
+    least its parent's size.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(spec: BenchSpec, model_path: str) -> dict[str, Any]:
+    """Run one measurement in this process (see the module docstring for the method).
+
+    Args:
+        spec: what to measure.
+        model_path: the file to open (an exported ``.onnx`` for ONNX rows of a checkpoint).
+
+    Returns:
+        A result row (without ``flops``; :func:`run_bench` adds those).
+    """
+    import torch
+
+    from export.backends import load_backend
+    from export.onnx_export import smooth_pair
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    options: dict[str, Any] = {"threads": spec.threads}
+    if spec.backend == "torch":
+        options.update(precision=spec.precision, sampler=spec.sampler)
+        if spec.overrides:
+            options["overrides"] = spec.overrides
+    options.update(spec.options)
+    backend = load_backend(model_path, device=spec.device, **options)
+    loaded_rss = _rss_mb()
+    moving, fixed = smooth_pair(spec.shape)
+    cuda = backend.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(spec.warmup):
+        backend(moving, fixed)
+    times = []
+    disp = None
+    for _ in range(spec.runs):
+        start = time.perf_counter()
+        disp = backend(moving, fixed)
+        times.append(time.perf_counter() - start)
+    if spec.save_disp and disp is not None:
+        np.save(spec.save_disp, disp)
+    t = np.asarray(times)
+    return {
+        "device": backend.device, "precision": backend.precision, "fallback_reason": backend.fallback_reason,
+        "providers": getattr(backend, "providers", None),
+        "latency_s": {"median": float(np.median(t)), "p10": float(np.percentile(t, 10)),
+                      "p90": float(np.percentile(t, 90)), "mean": float(t.mean()), "min": float(t.min()),
+                      "all": [float(x) for x in t]},
+        "pairs_per_s": float(1.0 / np.median(t)),
+        "loaded_rss_mb": loaded_rss, "peak_rss_mb": _peak_rss_mb(),
+        "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "config": backend.config.to_dict(),
+    }
+
+
+def _measure_child(spec: BenchSpec, model_path: str) -> dict[str, Any]:
+    logging.basicConfig(level=logging.WARNING)
+    return measure(spec, model_path)
+
+
+def _prepare(spec: BenchSpec, workdir: Path) -> tuple[str, float, str | None]:
+    """The file a spec runs on: exports ONNX / builds an engine from a checkpoint when asked.
+
+    Returns:
+        ``(path, prepare seconds, note)``.
+    """
+    from export.backends import backend_kind
+
+    kind = backend_kind(spec.model)
+    wanted = "onnx" if spec.backend in ("onnx", "onnx-native") else spec.backend
+    if wanted not in ("torch", "onnx", "tensorrt"):
+        raise ValueError(f"backend: expected one of {BENCH_BACKENDS}, got {spec.backend!r}")
+    if kind == wanted:
+        return spec.model, 0.0, None
+    if kind != "torch":
+        raise ValueError(f"{spec.model}: a {kind} file cannot run on the {spec.backend} backend; pass a checkpoint "
+                         "to have it exported")
+    from eoir_cli.checkpoint import load_model
+    from export.onnx_export import torch2onnx
+
+    if wanted == "tensorrt":
+        from export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # before spending an export on it
+    if spec.precision == "bf16":
+        raise ValueError("bf16 is measured on the torch backend only (onnxruntime CPU has no bf16 convolutions)")
+    start = time.perf_counter()
+    net = load_model(spec.model, **spec.overrides)
+    sampler = "native" if spec.backend == "onnx-native" else "gather"
+    onnx_path = workdir / f"{Path(spec.model).stem}-{sampler}-{'x'.join(map(str, spec.shape))}-{spec.precision}.onnx"
+    if not onnx_path.exists():
+        torch2onnx(net, onnx_path, shape=spec.shape, sampler=sampler, fp16=spec.precision == "fp16", verify=False)
+    path = str(onnx_path)
+    if wanted == "tensorrt":
+        from export.tensorrt import onnx2engine
+
+        path = str(onnx2engine(onnx_path, fp16=spec.precision == "fp16"))
+    return path, time.perf_counter() - start, f"exported from {spec.model} ({sampler} sampler)"
+
+
+def _label(spec: BenchSpec) -> str:
+    if spec.label:
+        return spec.label
+    extra = f" [{spec.sampler}]" if spec.backend == "torch" and spec.sampler != "torch" else ""
+    return f"{spec.backend}{extra} {spec.precision}"
+
+
+def run_bench(
+    specs: Sequence[BenchSpec],
+    isolate: bool = True,
+    workdir: str | os.PathLike[str] | None = None,
+    on_result: Any = None,
+) -> dict[str, Any]:
+    """Measure every spec and return ``{"schema", "machine", "results"}`` (one row per spec).
+
+    Args:
+        specs: the measurements.
+        isolate: run each in a fresh child process (true peak memory per row); False runs in
+            this process (faster; ``peak_rss_mb`` is then this process's high-water mark).
+        workdir: where exported ONNX/engine files go (default: a temporary directory).
+        on_result: optional callback ``f(row)`` after each row (progress display).
+    """
+    from eoir_cli.info import count_flops
+
+    machine = machine_info()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="eoir-bench-") as tmp:
+        work = Path(workdir) if workdir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for spec in specs:
+            row: dict[str, Any] = {"label": _label(spec), "model": spec.model, "backend": spec.backend,
+                                   "shape": list(spec.shape), "precision": spec.precision, "threads": spec.threads,
+                                   "runs": spec.runs, "warmup": spec.warmup, "sampler": spec.sampler,
+                                   "overrides": spec.overrides, "options": spec.options, "isolated": isolate,
+                                   "error": None}
+            try:
+                path, prep, note = _prepare(spec, work)
+                row.update(prepare_seconds=prep, note=note, file=path)
+                if isolate:
+                    ctx = multiprocessing.get_context("spawn")
+                    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                        row.update(pool.submit(_measure_child, spec, path).result())
+                else:
+                    row.update(measure(spec, path))
+                config = _config_of(row.get("config"))
+                row["flops"] = count_flops(config, spec.shape) if config else None
+                if row["flops"]:
+                    row["gflops_per_s"] = row["flops"] / row["latency_s"]["median"] / 1e9
+            except concurrent.futures.process.BrokenProcessPool:
+                row["error"] = "the measurement process died (out of memory?)"
+            except Exception as err:  # a failing backend becomes a row, not a crash
+                text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                row["error"] = f"{type(err).__name__}: {text}" if text else type(err).__name__
+            rows.append(row)
+            if on_result is not None:
+                on_result(row)
+    machine["load_average_after"] = list(os.getloadavg())
+    return {"schema": SCHEMA, "machine": machine, "results": rows}
+
+
+def _config_of(raw: dict[str, Any] | None) -> Any:
+    from eoir_cli.config import ModelConfig
+
+    return ModelConfig.from_dict(raw) if raw else None

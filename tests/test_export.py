@@ -1,0 +1,230 @@
+"""ONNX export: graph checks, parity with PyTorch, metadata, dynamic shapes, TensorRT report, CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest_export import CHANNELS, PARITY_TOL, SHAPE, exported, random_pair, scratch_dir, tiny_model, torch_disp
+from typer.testing import CliRunner
+
+from eoir_cli.cli import app
+from export.metadata import DEFAULT_NORMALIZATION, parse_metadata
+from export.onnx_export import ExportError, torch2onnx
+from export.trt_support import check_trt_support
+
+runner = CliRunner()
+
+
+def _ort_disp(path, moving, fixed):
+    from export.backends import OnnxBackend
+
+    return OnnxBackend(path, device="cpu")(moving, fixed)
+
+
+@pytest.mark.parametrize("sampler", ["gather", "native"])
+def test_export_passes_checker_and_matches_pytorch(sampler):
+    result = exported(sampler)
+    onnx.checker.check_model(onnx.load(str(result.path)), full_check=True)
+    assert result.verify["max_abs"] <= PARITY_TOL
+    # An independent pair, not the one torch2onnx verified on.
+    moving, fixed = random_pair(seed=7)
+    diff = np.abs(_ort_disp(result.path, moving, fixed) - torch_disp(tiny_model(), moving, fixed))
+    assert diff.max() <= PARITY_TOL
+    # The comparison is meaningful only if the network actually moves voxels.
+    assert np.abs(torch_disp(tiny_model(), moving, fixed)).max() > 0.01
+
+
+def test_gather_graph_has_no_gridsample_and_int32_indices():
+    proto = onnx.load(str(exported("gather").path))
+    ops = {n.op_type for n in proto.graph.node}
+    assert "GridSample" not in ops and "GatherElements" not in ops
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    sample_gathers = [n for n in proto.graph.node if n.op_type == "Gather" and
+                      next((a.i for a in n.attribute if a.name == "axis"), 0) == 1]
+    # 5 levels; each level: 1 feature warp (none at the coarsest) + 7 integration steps + 1 compose = 43 warps,
+    # 8 corners each.
+    assert len(sample_gathers) == 43 * 8
+    assert {types[n.input[1]] for n in sample_gathers} == {onnx.TensorProto.INT32}
+
+
+def test_native_graph_uses_opset20_gridsample():
+    proto = onnx.load(str(exported("native").path))
+    grid_samples = [n for n in proto.graph.node if n.op_type == "GridSample"]
+    assert len(grid_samples) == 43
+    assert max(o.version for o in proto.opset_import if o.domain == "") == 20
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in grid_samples[0].attribute}
+    assert attrs["align_corners"] == 1 and attrs["mode"] == b"linear" and attrs["padding_mode"] == b"zeros"
+
+
+@pytest.mark.parametrize("sampler", ["gather", "native"])
+def test_no_initializer_larger_than_the_weights_need(sampler):
+    proto = onnx.load(str(exported(sampler).path))
+    largest_param = max(p.numel() for p in tiny_model().parameters())
+    sizes = [int(np.prod(i.dims)) for i in proto.graph.initializer]
+    # An identity grid at 32³ would be 3 × 32768 elements; weights top out at 27 × 8 × 27 = 5832.
+    assert max(sizes) <= largest_param
+    params = sum(p.numel() for p in tiny_model().parameters())
+    assert sum(sizes) < params + 2000  # weights + small ramps/scalars only
+
+
+def test_metadata_round_trip():
+    from eoir_cli import __version__
+    from export.backends import load_backend
+
+    result = exported("gather")
+    proto = onnx.load(str(result.path))
+    meta = parse_metadata({p.key: p.value for p in proto.metadata_props})
+    assert meta["config"] == tiny_model().config
+    assert meta["config"].channels == CHANNELS
+    assert meta["input_shape"] == SHAPE and meta["dynamic"] is False
+    assert meta["sampler"] == "gather" and meta["opset"] == 18 and meta["precision"] == "fp32"
+    assert meta["normalization"] == DEFAULT_NORMALIZATION and meta["eoir_version"] == __version__
+    assert meta["disp_units"] == "voxels"
+    backend = load_backend(result.path, device="cpu")
+    assert backend.config == tiny_model().config and backend.input_shape == SHAPE
+    assert backend.metadata["normalization"] == DEFAULT_NORMALIZATION
+
+
+def test_dynamic_export_runs_at_two_sizes():
+    from export.backends import load_backend
+
+    result = exported("gather", dynamic=True)
+    backend = load_backend(result.path, device="cpu")
+    assert backend.input_shape is None
+    for shape in [(32, 32, 48), (48, 32, 32)]:
+        moving, fixed = random_pair(shape, seed=3)
+        disp = backend(moving, fixed)
+        assert disp.shape == (3, *shape)
+        assert np.abs(disp - torch_disp(tiny_model(), moving, fixed)).max() <= PARITY_TOL
+
+
+def test_fp16_export_is_float16_and_close_to_fp32():
+    result = exported("gather", fp16=True)
+    proto = onnx.load(str(result.path))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert {i.data_type for i in proto.graph.initializer if i.name.endswith("weight")} == {onnx.TensorProto.FLOAT16}
+    moving, fixed = random_pair(seed=5)
+    diff = np.abs(_ort_disp(result.path, moving, fixed) - torch_disp(tiny_model(), moving, fixed))
+    assert diff.max() < 0.05  # fp16 rounding through 43 warps; measured ~2e-3 voxels
+
+
+def test_verification_failure_leaves_no_file():
+    out = scratch_dir() / "bad.onnx"
+    with pytest.raises(ExportError, match="verification failed: max"):
+        torch2onnx(tiny_model(), out, shape=SHAPE, tolerance=-1.0)  # nothing is below a negative tolerance
+    assert list(out.parent.iterdir()) == []
+
+
+def test_bad_shape_and_opset_are_refused_before_exporting():
+    out = scratch_dir() / "x.onnx"
+    with pytest.raises(ExportError, match=r"expected multiples of \(16, 16, 16\)"):
+        torch2onnx(tiny_model(), out, shape=(30, 32, 32))
+    with pytest.raises(ExportError, match="5-D GridSample needs opset 20"):
+        torch2onnx(tiny_model(), out, shape=SHAPE, sampler="native", opset=18)
+    with pytest.raises(ExportError, match="expected a .onnx path"):
+        torch2onnx(tiny_model(), out.with_suffix(".pt"), shape=SHAPE)
+    assert not out.exists()
+
+
+def test_trt_report_gather_parses_on_trt10_native_needs_11_2():
+    gather = check_trt_support(onnx.load(str(exported("gather").path)))
+    native = check_trt_support(onnx.load(str(exported("native").path)))
+    assert "10.x" in gather["parsable_by"] and "11.2+" in gather["parsable_by"]
+    assert native["parsable_by"] == ["11.2+"]
+    assert "GridSample" in native["not_parsable_by"]["10.x"]
+    assert "TensorRT 10.0" in gather["assumes"]
+
+
+def test_trt_report_flags_unknown_ops():
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Foo", ["x"], ["y"], domain="custom")], "g", [x], [y])
+    report = check_trt_support(onnx.helper.make_model(graph))
+    assert report["parsable_by"] == []
+    assert report["ops"]["custom::Foo"]["count"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _checkpoint(tmp_path, normalization="percentile 0.5-99.5 then [0,1]"):
+    from eoir_cli.checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp_path / "tiny.pt", tiny_model(), extra={"normalization": normalization})
+
+
+def test_cli_export_end_to_end_with_verify(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    out = tmp_path / "out" / "tiny.onnx"
+    result = runner.invoke(app, ["export", str(ckpt), "-o", str(out), "--shape", "32", "32", "32"])
+    assert result.exit_code == 0, result.output
+    assert "max |Δdisp|" in result.output and "can parse this file" in result.output
+    meta = parse_metadata({p.key: p.value for p in onnx.load(str(out)).metadata_props})
+    assert meta["normalization"] == "percentile 0.5-99.5 then [0,1]"
+    assert meta["config"].channels == CHANNELS
+    assert meta["model_config"]["levels"] == 5
+
+
+def test_cli_trt_without_tensorrt_fails_cleanly(tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("TensorRT and a GPU are present: the failure path cannot be exercised here")
+    except ImportError:
+        pass
+    ckpt = _checkpoint(tmp_path)
+    out = tmp_path / "t.onnx"
+    result = runner.invoke(app, ["export", str(ckpt), "-o", str(out), "--shape", "32", "32", "32", "--trt"])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and ("TensorRT" in lines[0] or "GPU" in lines[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt"]
+
+
+def test_cli_bad_shape_is_one_line(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    result = runner.invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "b.onnx"), "--shape", "30", "32", "32"])
+    assert result.exit_code == 1
+    assert "expected multiples of (16, 16, 16)" in result.output
+    assert not (tmp_path / "b.onnx").exists()
+
+
+def test_trt_engine_build_and_run():
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU-only optional dependency)")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT engines need a CUDA GPU")
+    from export.backends import load_backend
+    from export.tensorrt import onnx2engine
+
+    engine = onnx2engine(exported("gather").path, scratch_dir() / "tiny.engine")
+    backend = load_backend(engine)
+    moving, fixed = random_pair(seed=2)
+    assert np.abs(backend(moving, fixed) - torch_disp(tiny_model(), moving, fixed)).max() <= 1e-3
+    assert backend.metadata["tensorrt_version"] == trt.__version__
+
+
+def test_cli_verify_with_real_brains(tmp_path, shared_data):
+    images = shared_data / "brain_lumirlike" / "imagesTr"
+    ckpt = _checkpoint(tmp_path)
+    out = tmp_path / "real.onnx"
+    result = runner.invoke(app, ["export", str(ckpt), "-o", str(out), "--shape", "32", "32", "32", "--verify-with",
+                                 str(images / "SYNBRAIN_0001_0000.nii.gz"), str(images / "SYNBRAIN_0002_0000.nii.gz")])
+    assert result.exit_code == 0, result.output
+    assert "the given image pair" in result.output and out.is_file()
+
+
+def test_default_tensorrt_profile_brackets_the_example_shape():
+    from export.tensorrt import EngineBuildError, _profile_shapes
+
+    meta = {"config": tiny_model().config, "example_shape": [160, 224, 192]}
+    lo, opt, hi = _profile_shapes(meta, None)
+    # min = 2 × 16 per axis; max = 1.5 × example rounded up to 16: 240, 336, 288.
+    assert lo == (32, 32, 32) and opt == (160, 224, 192) and hi == (240, 336, 288)
+    with pytest.raises(EngineBuildError, match="expected three"):
+        _profile_shapes(meta, [(32, 32, 32)])
