@@ -151,7 +151,7 @@ class EOIR(nn.Module):
         size = tuple(moving.shape[2:])
         net = self.network_size(size)
         if self.config.input_scale != 1.0 and any(abs(n * self.config.input_scale - m) > 1e-6
-                                                   for n, m in zip(size, net)):
+                                                   for n, m in zip(size, net, strict=False)):
             raise ValueError(f"input size {size}: expected sizes that input_scale "
                              f"{self.config.input_scale} maps to whole numbers")
         check_size(net, self.config.size_multiple(), "network input")

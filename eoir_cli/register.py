@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from eoir_cli.config import PIPELINE
 from eoir_cli.errors import EoirError
 from eoir_cli.io import Volume, check_same_grid, load_volume, save_volume
 from eoir_cli.preprocess import (
@@ -57,6 +58,7 @@ OUTPUT_NAMES = ("warped.nii.gz", "disp.nii.gz", "warp_itk.nii.gz", "warped_seg.n
 DONE_MARKER = "metrics.json"  # written last: its presence means the pair finished
 BRAIN_MODELS = ("default", "lumir", "oasis")  # run on the LUMIR grid unless told otherwise
 PRESET_SPACING = {"abdomen": 2.0}
+DEFAULT_REFINE = PIPELINE.refine
 BACKEND_NAMES = ("auto", "torch", "onnx", "tensorrt")
 
 
@@ -289,10 +291,12 @@ def _total_net_field(network_disp: np.ndarray, grid: NetworkGrid, transform: np.
 
 
 def _seg_metrics(before: np.ndarray, after: np.ndarray, fixed_seg: np.ndarray, moving_seg: np.ndarray,
-                 spacing: Sequence[float], hd95: bool) -> dict[str, Any]:
+                 spacing: Sequence[float], hd95: bool, labels: Sequence[int] | None = None) -> dict[str, Any]:
     from eoir_cli import metrics
 
-    labels = sorted((set(np.unique(fixed_seg).tolist()) | set(np.unique(moving_seg).tolist())) - {0})
+    if labels is None:
+        labels = sorted((set(np.unique(fixed_seg).tolist()) | set(np.unique(moving_seg).tolist())) - {0})
+    labels = [int(v) for v in labels]
     out: dict[str, Any] = {"labels": labels}
     for tag, pred in (("before", before), ("after", after)):
         dice = metrics.dice_per_label(pred, fixed_seg, labels)
@@ -359,18 +363,21 @@ def register(
     moving_seg: Volume | str | os.PathLike[str] | None = None,
     fixed_seg: Volume | str | os.PathLike[str] | None = None,
     affine: bool = True,
-    refine: int = 0,
+    refine: int | None = None,
     precision: str = "fp32",
     lumir: bool = False,
     *,
     spacing: float | Sequence[float] | None = None,
     shape: Sequence[int] | None = None,
     window: tuple[float, float] | None = None,
-    refine_weight: float = 2.0,
-    refine_lr: float = 0.5,
+    refine_weight: float = PIPELINE.refine_weight,
+    refine_lr: float = PIPELINE.refine_lr,
     refine_scale: float | None = None,
+    refine_window: int = PIPELINE.refine_window,
+    refine_int_steps: int = PIPELINE.refine_int_steps,
     hd95: bool = True,
     qc: bool = True,
+    labels: Sequence[int] | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and (with ``out_dir``) write every output atomically.
 
@@ -386,7 +393,8 @@ def register(
         moving_seg: label map on the moving grid -> ``warped_seg.nii.gz`` (nearest neighbour).
         fixed_seg: label map on the fixed grid -> Dice/HD95 before and after in the metrics.
         affine: run the affine pre-alignment (else scanner coordinates are trusted as they are).
-        refine: instance-optimisation steps after the network (0 = none).
+        refine: instance-optimisation steps after the network (0 = none; None = the pipeline
+            default, ``eoir_cli.config.PIPELINE.refine``).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` for PyTorch models.
         lumir: the inputs are on the LUMIR grid (160×224×192, 1 mm); the network runs on the fixed
             grid as is and ``disp_<fixed id>_<moving id>.nii.gz`` is written too.
@@ -396,7 +404,10 @@ def register(
         refine_weight: smoothness weight of the refinement.
         refine_lr: Adam learning rate of the refinement (voxels per step).
         refine_scale: refinement grid / network grid (None: 1 up to 2 M voxels, else 1/2).
+        refine_window: local NCC window of the refinement (voxels of its grid).
+        refine_int_steps: scaling-and-squaring steps of the refinement.
         hd95: compute HD95 (slower) when both label maps are given.
+        labels: label values scored by Dice/HD95 (default: every non-zero label in either map).
         qc: draw ``qc.png``.
 
     Returns:
@@ -428,6 +439,8 @@ def register(
             names.append(f"disp_{lumir_id(fixed_v.path)}_{lumir_id(moving_v.path)}.nii.gz")
         if out_dir is not None:
             _check_outputs_are_not_inputs(Path(out_dir), [fixed_v, moving_v, mseg, fseg], names)
+    if refine is None:
+        refine = PIPELINE.refine
     if refine < 0:
         raise EoirError(f"refine: expected >= 0 steps, got {refine}")
     with timer("model"):
@@ -472,7 +485,8 @@ def register(
                 return torch.from_numpy(np.ascontiguousarray(a)).to(dev)[None]
 
             refined = refine_fn(as_t(fixed_net[None]), as_t(moving_net[None]), as_t(network_disp), refine,
-                                lr=refine_lr, weight=refine_weight, scale=refine_scale)
+                                lr=refine_lr, weight=refine_weight, scale=refine_scale, window=refine_window,
+                                int_steps=refine_int_steps)
             network_disp = refined[0].cpu().numpy().astype(np.float32)
     with timer("compose"):
         native = compose_to_native(fixed_v, moving_v, grid, network_disp, transform, moving01,
@@ -482,7 +496,8 @@ def register(
         from eoir_cli import metrics
 
         field_stats = metrics.field_metrics(_total_net_field(network_disp, grid, transform))
-        seg_stats = (_seg_metrics(native.before_seg, native.warped_seg, fseg.data, mseg.data, fixed_v.spacing, hd95)
+        seg_stats = (_seg_metrics(native.before_seg, native.warped_seg, fseg.data, mseg.data, fixed_v.spacing, hd95,
+                                  labels)
                      if fseg is not None and mseg is not None and native.warped_seg is not None else None)
     png = None
     if qc:

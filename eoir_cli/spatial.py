@@ -188,7 +188,7 @@ def resize_disp(disp: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """
     old = disp.shape[2:]
     out = resize(disp, size=tuple(size))
-    ratio = [(m - 1) / (n - 1) if n > 1 else 1.0 for n, m in zip(old, size)]
+    ratio = [(m - 1) / (n - 1) if n > 1 else 1.0 for n, m in zip(old, size, strict=False)]
     return out * torch.tensor(ratio, dtype=disp.dtype, device=disp.device).view(1, 3, 1, 1, 1)
 
 
@@ -217,9 +217,9 @@ def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
 def check_size(size: Sequence[int], multiple: Sequence[int], what: str = "input") -> None:
     """Raise a clear error when ``size`` is not a multiple of ``multiple`` on every axis."""
     # The coarsest level needs 2 voxels per halved axis: align_corners geometry divides by (n - 1).
-    bad = [i for i, (s, m) in enumerate(zip(size, multiple)) if s % m or (m > 1 and s < 2 * m)]
+    bad = [i for i, (s, m) in enumerate(zip(size, multiple, strict=False)) if s % m or (m > 1 and s < 2 * m)]
     if bad:
-        fix = tuple(max(math.ceil(s / m), 2 if m > 1 else 1) * m for s, m in zip(size, multiple))
+        fix = tuple(max(math.ceil(s / m), 2 if m > 1 else 1) * m for s, m in zip(size, multiple, strict=False))
         raise ValueError(
             f"{what} size {tuple(size)}: expected multiples of {tuple(multiple)} on every axis, at least "
             f"2x that where the pyramid halves (it halves {len(multiple)} axes); pad or crop, e.g. to {fix}"

@@ -353,12 +353,3 @@ def test_dataset_json_pairs_and_label_lookup(shared_data: Path) -> None:
     assert pairs[0].name == "0002_0001"
     assert pairs[0].fixed.name == "SYNBRAIN_0002_0000.nii.gz" and pairs[0].fixed.is_file()
     assert pairs[0].moving_seg is not None and pairs[0].moving_seg.parent.name == "labelsTr"
-
-
-@pytest.mark.slow
-def test_demo_fast_writes_qc_png(shared_data: Path, tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--fast", "--refine", "2", "-o", str(out), "--data-dir", str(shared_data),
-                                 "--device", "cpu"])
-    assert result.exit_code == 0, result.output
-    assert "Dice" in result.output and (out / "qc.png").read_bytes()[:4] == b"\x89PNG"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from enum import Enum
 from pathlib import Path
@@ -17,64 +18,67 @@ class DemoPair(str, Enum):
     template = "template"
 
 
-def default_data_dir() -> Path:
-    """``$EOIR_DATA``, else ``../shared/data`` beside the checkout (the package's grandparent)."""
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+def default_data_dir() -> Path | None:
+    """``$EOIR_DATA`` if set, else None (the sample pair shipped inside the package is used)."""
     env = os.environ.get("EOIR_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+    return Path(env) if env else None
+
+
+def demo_inputs(pair: DemoPair, data_dir: Path | None) -> tuple[Path, Path, Path | None, Path | None]:
+    """(fixed, moving, fixed_seg, moving_seg) of the demo pair.
+
+    Without ``data_dir`` the subjects pair shipped in ``eoir_cli/sample_data`` is used (no download);
+    with it, the layout of the shared sample data (``brain_lumirlike/``, ``brain_template/``).
+    """
+    from eoir_cli.errors import EoirError
+
+    if data_dir is None:
+        if pair == DemoPair.template:
+            raise EoirError("--pair template needs --data-dir (the MNI template is not shipped in the package)")
+        return (SAMPLE_DIR / "SYNBRAIN_0002_image.nii.gz", SAMPLE_DIR / "SYNBRAIN_0001_image.nii.gz",
+                SAMPLE_DIR / "SYNBRAIN_0002_labels.nii.gz", SAMPLE_DIR / "SYNBRAIN_0001_labels.nii.gz")
+    if not data_dir.is_dir():
+        raise EoirError(f"--data-dir {data_dir}: no such folder (point it at the shared sample data)")
+    brains = data_dir / "brain_lumirlike"
+    if pair == DemoPair.subjects:
+        return (brains / "imagesTr/SYNBRAIN_0002_0000.nii.gz", brains / "imagesTr/SYNBRAIN_0001_0000.nii.gz",
+                brains / "labelsTr/SYNBRAIN_0002_0000.nii.gz", brains / "labelsTr/SYNBRAIN_0001_0000.nii.gz")
+    return (brains / "imagesTr/SYNBRAIN_0001_0000.nii.gz",
+            data_dir / "brain_template/MNI152_2009a_T1_lumirgrid.nii.gz", None, None)
 
 
 @cli_command
 def demo_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("eoir_demo"),
-    data_dir: Annotated[Path | None, typer.Option(help="Sample data root (default: $EOIR_DATA or "
-                                                  "../shared/data beside the checkout).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Shared sample data root (default: $EOIR_DATA, else the "
+                                                  "pair shipped in the package).")] = None,
     pair: Annotated[DemoPair, typer.Option(help="subjects: SYNBRAIN_0001 -> SYNBRAIN_0002 with label maps "
-                                           "(Dice); template: MNI152 T1 -> SYNBRAIN_0001.")] = DemoPair.subjects,
-    model: Annotated[str, typer.Option(help="Model (default: the bundled brain model; an untrained one if "
-                                       "this install has none).")] = "default",
-    refine: Annotated[int | None, typer.Option(min=0, help="Refinement steps [default: 20, --fast: 10].")] = None,
-    fast: Annotated[bool, typer.Option("--fast", help="CI mode: network grid at 3 mm, fewer refinement "
-                                       "steps, no HD95.")] = False,
-    spacing: Annotated[float | None, typer.Option(min=0.5, help="Network voxel size in mm (overrides --fast).")] = None,
+                                           "(Dice); template: MNI152 T1 -> SYNBRAIN_0001 (needs --data-dir).")]
+    = DemoPair.subjects,
+    model: Annotated[str, typer.Option(help="Model: the bundled brain model, a preset or a file.")] = "default",
+    refine: Annotated[int | None, typer.Option(min=0, help="Refinement steps [default: the pipeline's].")] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="Skip HD95, the slowest metric (for CI).")] = False,
+    spacing: Annotated[float | None, typer.Option(min=0.5, help="Network voxel size in mm (default: the "
+                                                  "model's).")] = None,
     device: Annotated[Device, typer.Option(help="auto, cpu or cuda.")] = Device.auto,
 ) -> None:
-    """Register a sample pair, print Dice before/after and per-stage timings, write outputs + qc.png.
+    """Register a sample brain pair, print Dice before/after and per-stage timings, write outputs + qc.png.
 
-    Example: eoir demo --fast -o eoir_demo
+    Example: eoir demo -o eoir_demo
     """
     from rich.table import Table
 
-    from eoir_cli.errors import EoirError
-    from eoir_cli.register import register
+    from eoir_cli.register import DEFAULT_REFINE, register
 
-    root = data_dir or default_data_dir()
-    if not root.is_dir():
-        raise EoirError(f"--data-dir {root}: no such folder (point --data-dir or $EOIR_DATA at the shared sample data)")
-    brains = root / "brain_lumirlike"
-    if pair == DemoPair.subjects:
-        fixed, moving = brains / "imagesTr/SYNBRAIN_0002_0000.nii.gz", brains / "imagesTr/SYNBRAIN_0001_0000.nii.gz"
-        fixed_seg, moving_seg = (brains / "labelsTr/SYNBRAIN_0002_0000.nii.gz",
-                                 brains / "labelsTr/SYNBRAIN_0001_0000.nii.gz")
-    else:
-        fixed = brains / "imagesTr/SYNBRAIN_0001_0000.nii.gz"
-        moving = root / "brain_template/MNI152_2009a_T1_lumirgrid.nii.gz"
-        fixed_seg = moving_seg = None
-    net: object = model
-    if model == "default":
-        from eoir_cli.weights import DEFAULT_WEIGHTS
-
-        if not DEFAULT_WEIGHTS.is_file():
-            from eoir_cli.checkpoint import load_model
-
-            channels = 8 if fast else 32
-            console.print(f"[yellow]note:[/] this install ships no trained model yet: using an untrained "
-                          f"{channels}-channel network, so the result reflects the affine stage and --refine.")
-            net = load_model("lumir", channels=channels)
-    steps = refine if refine is not None else (10 if fast else 20)
-    result = register(fixed, moving, out, model=net, device=device.value, moving_seg=moving_seg, fixed_seg=fixed_seg,
-                      refine=steps, spacing=spacing or (3.0 if fast else None), hd95=not fast)
+    fixed, moving, fixed_seg, moving_seg = demo_inputs(pair, data_dir or default_data_dir())
+    steps = refine if refine is not None else DEFAULT_REFINE
+    labels = json.loads((SAMPLE_DIR / "labels.json").read_text())["labels_eval"]
+    result = register(fixed, moving, out, model=model, device=device.value, moving_seg=moving_seg,
+                      fixed_seg=fixed_seg, refine=steps, spacing=spacing, hd95=not fast,
+                      labels=labels)
     m = result.metrics
     console.print(f"moving {moving.name} -> fixed {fixed.name}; network grid "
                   f"{'×'.join(map(str, m['network_grid']['shape']))} at {m['network_grid']['spacing_mm'][0]:g} mm")

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from eoir_cli.commands.common import Device, cli_command, console, fail
+from eoir_cli.config import PIPELINE
 
 
 class BackendChoice(str, Enum):
@@ -49,7 +50,8 @@ def register_command(
     moving_seg: Annotated[Path | None, typer.Option(help="Moving label map -> warped_seg.nii.gz.")] = None,
     fixed_seg: Annotated[Path | None, typer.Option(help="Fixed label map -> Dice/HD95 in metrics.json.")] = None,
     affine: Annotated[bool, typer.Option("--affine/--no-affine", help="Affine pre-alignment.")] = True,
-    refine: Annotated[int, typer.Option(min=0, help="Instance-optimisation steps after the network.")] = 0,
+    refine: Annotated[int, typer.Option(min=0, help="Instance-optimisation steps after the network "
+                                        "(0 = network only).")] = PIPELINE.refine,
     precision: Annotated[PrecisionChoice, typer.Option(help="PyTorch precision.")] = PrecisionChoice.fp32,
     lumir: Annotated[bool, typer.Option("--lumir", help="Inputs on the LUMIR grid; also write "
                                         "disp_<fixed>_<moving>.nii.gz.")] = False,
