@@ -234,6 +234,15 @@ def _central_jacobian_det(disp: np.ndarray) -> np.ndarray:
     return _det3(*rows)
 
 
+def _interior_jacobian_det(disp: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Central-difference ``|J|`` at the interior (mask) voxels, flattened."""
+    det = _central_jacobian_det(disp)
+    inside = _interior_mask(mask, tuple(disp.shape[1:]))
+    if not inside.any():
+        raise ValueError("mask: expected at least one interior voxel inside the mask, got none")
+    return det[inside]
+
+
 def jacobian_nonpositive_percent(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Percentage of interior (mask) voxels whose central-difference ``|J|`` is ``<= 0``.
 
@@ -241,11 +250,8 @@ def jacobian_nonpositive_percent(disp: np.ndarray, mask: np.ndarray | None = Non
         disp: ``(3, D, H, W)`` displacement in voxels.
         mask: optional ``(D, H, W)`` mask.
     """
-    det = _central_jacobian_det(disp)
-    inside = _interior_mask(mask, tuple(disp.shape[1:]))
-    if not inside.any():
-        raise ValueError("mask: expected at least one interior voxel inside the mask, got none")
-    return 100.0 * float((det[inside] <= 0).sum()) / float(inside.sum())
+    det = _interior_jacobian_det(disp, mask)
+    return 100.0 * float((det <= 0).sum()) / float(det.size)
 
 
 def sdlogj(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -255,11 +261,8 @@ def sdlogj(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
         disp: ``(3, D, H, W)`` displacement in voxels.
         mask: optional ``(D, H, W)`` mask.
     """
-    det = _central_jacobian_det(disp)
-    inside = _interior_mask(mask, tuple(disp.shape[1:]))
-    if not inside.any():
-        raise ValueError("mask: expected at least one interior voxel inside the mask, got none")
-    return float(np.log(np.clip(det[inside], 1e-9, 1e9)).std())
+    det = _interior_jacobian_det(disp, mask)
+    return float(np.log(np.clip(det, 1e-9, 1e9)).std())
 
 
 def field_metrics(disp: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:

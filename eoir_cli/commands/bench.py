@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from eoir_cli.commands.common import cli_command, console
+from eoir_cli.commands.common import PrecisionChoice, cli_command, console
 
 
 class BenchBackend(str, Enum):
@@ -16,12 +16,6 @@ class BenchBackend(str, Enum):
     onnx = "onnx"
     onnx_native = "onnx-native"
     tensorrt = "tensorrt"
-
-
-class PrecisionChoice(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
 
 
 def default_model() -> tuple[str, str | None]:

@@ -52,6 +52,12 @@ def cli_command(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class PrecisionChoice(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from eoir_cli.commands.common import Device, cli_command, console, fail
+from eoir_cli.commands.common import Device, PrecisionChoice, cli_command, console, fail
 from eoir_cli.config import PIPELINE
 
 
@@ -17,12 +17,6 @@ class BackendChoice(str, Enum):
     torch = "torch"
     onnx = "onnx"
     tensorrt = "tensorrt"
-
-
-class PrecisionChoice(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
 
 
 def parse_window(text: str | None) -> tuple[float, float] | None:
