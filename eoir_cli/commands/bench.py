@@ -35,7 +35,9 @@ def bench_command(
     backend: Annotated[list[BenchBackend] | None, typer.Option(
         help="Backend (repeatable); checkpoints are exported on the fly for onnx/onnx-native/tensorrt "
              "(default: the file's own backend; with no --model: torch and onnx).")] = None,
-    shape: Annotated[tuple[int, int, int], typer.Option(help="Input size D H W in voxels.")] = (64, 64, 64),
+    shape: Annotated[tuple[int, int, int] | None, typer.Option(
+        help="Input size D H W in voxels [default: the bundled model's LUMIR grid 160 224 192; 64 64 64 for "
+             "other models].")] = None,
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per row.")] = 3,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first.")] = 1,
     threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads (default: library default).")] = None,
@@ -65,6 +67,9 @@ def bench_command(
         if note:
             notes.append(note)
         backends = backends or ["torch", "onnx"]
+    if shape is None:
+        # The bundled model works on the LUMIR grid (it runs its network at a quarter of it).
+        shape = (160, 224, 192) if models == ["default"] else (64, 64, 64)
     overrides = {"channels": channels} if channels else {}
     specs = []
     for m in models:
