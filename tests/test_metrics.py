@@ -164,3 +164,24 @@ def test_landmarks_from_label_image() -> None:
     np.testing.assert_allclose(marks[4], [1.0, 2.0, 3.0])
     np.testing.assert_allclose(marks[9], [4.5, 0.0, 0.0])
     assert landmarks_from_label_image(np.zeros((3, 3, 3))) == {}
+
+
+def test_hd95_in_the_bounding_box_equals_the_whole_volume_computation() -> None:
+    # Two blobs near a corner (one touching the volume border): the bounding-box shortcut must give the
+    # distances of the plain whole-volume definition.
+    from scipy import ndimage
+
+    from eoir_cli.metrics import _surface
+
+    rng = np.random.default_rng(3)
+    pred = np.zeros((20, 24, 18), dtype=np.int16)
+    target = np.zeros_like(pred)
+    pred[0:6, 3:11, 2:9] = 1
+    target[1:8, 5:12, 0:7] = 1
+    pred[rng.random(pred.shape) > 0.97] = 0  # ragged surfaces
+    expected = []
+    for a, b in ((pred == 1, target == 1), (target == 1, pred == 1)):
+        dist = ndimage.distance_transform_edt(~_surface(b), sampling=(2.0, 1.0, 1.5))[_surface(a)]
+        expected.append(np.percentile(dist, 95))
+    got = hd95_per_label(pred, target, [1], spacing=(2.0, 1.0, 1.5))[1]
+    assert got == pytest.approx(max(expected), abs=1e-9)

@@ -136,6 +136,19 @@ def test_cli_single_pair_with_a_checkpoint(pair: dict[str, Path], tiny_model: Pa
     assert metrics["backend"] == "torch" and metrics["refine_steps"] == 2
 
 
+def test_cli_labels_choose_the_scored_labels(pair: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    base = ["register", str(pair["fixed"]), str(pair["moving"]), "--model", str(tiny_model), "--moving-seg",
+            str(pair["moving_seg"]), "--fixed-seg", str(pair["fixed_seg"]), "--spacing", str(SPACING), "--no-hd95",
+            "--refine", "0", "--no-affine"]
+    bad = runner.invoke(app, [*base, "-o", str(tmp_path / "bad"), "--labels", "2,x"])
+    assert bad.exit_code == 1 and "--labels: expected comma-separated integers" in bad.output
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+    good = runner.invoke(app, [*base, "-o", str(tmp_path / "good"), "--labels", "2,41"])
+    assert good.exit_code == 0, good.output
+    seg = json.loads((tmp_path / "good" / "metrics.json").read_text())["segmentation"]
+    assert seg["labels"] == [2, 41] and sorted(seg["dice_after"]) == ["2", "41"]
+
+
 def test_outputs_exist_with_documented_layout(registered: Path, pair: dict[str, Path]) -> None:
     names = sorted(p.name for p in registered.iterdir())
     assert names == sorted(["warped.nii.gz", "disp.nii.gz", "warp_itk.nii.gz", "warped_seg.nii.gz",

@@ -30,6 +30,16 @@ def parse_window(text: str | None) -> tuple[float, float] | None:
     return lo, hi
 
 
+def parse_labels(text: str | None) -> list[int] | None:
+    """``"2,3,41"`` -> ``[2, 3, 41]``."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--labels: expected comma-separated integers (e.g. 2,3,41), got {text!r}") from None
+
+
 @cli_command
 def register_command(
     fixed: Annotated[Path | None, typer.Argument(help="Fixed image (.nii/.nii.gz): outputs live on its grid.")] = None,
@@ -54,6 +64,8 @@ def register_command(
     window: Annotated[str | None, typer.Option(help="CT intensity window LOW,HIGH in HU, e.g. --window=-500,800 "
                                                "(default: 0.5/99.5 percentiles).")] = None,
     no_hd95: Annotated[bool, typer.Option("--no-hd95", help="Skip HD95 (faster with many labels).")] = False,
+    labels: Annotated[str | None, typer.Option(help="Label values scored by Dice/HD95, e.g. 2,3,41 "
+                                               "(default: every non-zero label in either map).")] = None,
 ) -> None:
     """Register MOVING to FIXED; write warped, disp, warp_itk, warped_seg, jacobian, metrics.json, qc.png.
 
@@ -62,7 +74,7 @@ def register_command(
     Batch:   eoir register --pairs data/LUMIR_dataset.json -o out/ --lumir
     """
     options = dict(affine=affine, refine=refine, lumir=lumir, spacing=spacing, window=parse_window(window),
-                   hd95=not no_hd95)
+                   hd95=not no_hd95, labels=parse_labels(labels))
     if pairs is not None:
         if fixed is not None or moving is not None:
             raise fail("give either FIXED MOVING or --pairs, not both")
