@@ -12,6 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def check_keys(cls: type, data: dict[str, Any], what: str) -> None:
+    """Raise ``ValueError`` naming the keys of ``data`` that are not fields of dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {unknown}; expected a subset of {sorted(names)}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of one EOIR network.
@@ -73,10 +81,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a stored dict, refusing unknown keys with a clear message."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"model config: unknown keys {unknown}; expected a subset of {sorted(names)}")
+        check_keys(cls, data, "model config")
         return cls(**data)
 
 

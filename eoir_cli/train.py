@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from eoir_cli.config import PRESETS, ModelConfig, resolve_config
+from eoir_cli.config import PRESETS, ModelConfig, check_keys, resolve_config
 from eoir_cli.errors import EoirError
 from eoir_cli.fileio import write_json_atomic, write_text_atomic
 
@@ -148,10 +148,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"train config: unknown keys {unknown}")
+        check_keys(cls, data, "train config")
         fixed = {k: (tuple(v) if k in ("shape", "windows") and v is not None else v) for k, v in data.items()}
         return cls(**fixed)
 
