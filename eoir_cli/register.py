@@ -58,7 +58,6 @@ OUTPUT_NAMES = ("warped.nii.gz", "disp.nii.gz", "warp_itk.nii.gz", "warped_seg.n
 DONE_MARKER = "metrics.json"  # written last: its presence means the pair finished
 BRAIN_MODELS = ("default", "lumir", "oasis")  # run on the LUMIR grid unless told otherwise
 PRESET_SPACING = {"abdomen": 2.0}
-DEFAULT_REFINE = PIPELINE.refine
 BACKEND_NAMES = ("auto", "torch", "onnx", "tensorrt")
 
 

@@ -127,14 +127,19 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _rss_mb() -> float | None:
+def _proc_status_mb(key: str) -> float | None:
+    """A memory line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MB, or None off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS"):
+            if line.startswith(key):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def _rss_mb() -> float | None:
+    return _proc_status_mb("VmRSS")
 
 
 def _peak_rss_mb() -> float | None:
@@ -143,12 +148,9 @@ def _peak_rss_mb() -> float | None:
     Not ``ru_maxrss``: Linux carries that over fork and exec, so a spawned child would report at
     least its parent's size.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -71,13 +71,12 @@ def demo_command(
     """
     from rich.table import Table
 
-    from eoir_cli.register import DEFAULT_REFINE, register
+    from eoir_cli.register import register
 
     fixed, moving, fixed_seg, moving_seg = demo_inputs(pair, data_dir or default_data_dir())
-    steps = refine if refine is not None else DEFAULT_REFINE
     labels = json.loads((SAMPLE_DIR / "labels.json").read_text())["labels_eval"]
     result = register(fixed, moving, out, model=model, device=device.value, moving_seg=moving_seg,
-                      fixed_seg=fixed_seg, refine=steps, spacing=spacing, hd95=not fast,
+                      fixed_seg=fixed_seg, refine=refine, spacing=spacing, hd95=not fast,
                       labels=labels)
     m = result.metrics
     console.print(f"moving {moving.name} -> fixed {fixed.name}; network grid "
