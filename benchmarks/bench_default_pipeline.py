@@ -47,8 +47,9 @@ def run(model: str, settings: list[dict[str, Any]], data: Path, threads: int | N
     import torch
 
     from eoir_cli import metrics
+    from eoir_cli.backends import open_backend
     from eoir_cli.io import load_volume
-    from eoir_cli.register import open_backend, register
+    from eoir_cli.register import register
 
     if threads:
         torch.set_num_threads(threads)

@@ -36,7 +36,7 @@ def build_specs(shape, channels, rows, runs, warmup, threads, workdir):
     """BenchSpecs for the requested rows; GPU rows are replaced by skip notes without a GPU."""
     import torch
 
-    from export.bench import BenchSpec
+    from eoir_cli.bench import BenchSpec
 
     gpu = torch.cuda.is_available()
     try:
@@ -123,8 +123,9 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
+    from eoir_cli.bench import run_bench
     from eoir_cli.fileio import write_json_atomic
-    from export.bench import run_bench
+    from export.convert import model_for_backend
 
     with tempfile.TemporaryDirectory(prefix="eoir-bench-") as workdir:
         specs, skipped = build_specs(args.shape, args.channels, args.rows, args.runs, args.warmup, args.threads,
@@ -138,7 +139,7 @@ def main(argv=None):
                       f"peak {row['peak_rss_mb'] / 1024:6.2f} GB  {row.get('gflops_per_s', 0):6.1f} GFLOP/s",
                       flush=True)
 
-        report = run_bench(specs, isolate=True, workdir=workdir, on_result=show)
+        report = run_bench(specs, isolate=True, workdir=workdir, on_result=show, prepare=model_for_backend)
         for spec, row in zip(specs, report["results"], strict=True):
             row["saved_disp"] = spec.save_disp
         report["skipped"] = skipped

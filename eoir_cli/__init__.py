@@ -2,7 +2,10 @@
 
 Public API (imported lazily so ``eoir --help`` stays instant)::
 
-    from eoir_cli import load_model, warp, integrate, compose, ModelConfig, PRESETS
+    from eoir_cli import register, register_pairs, read_pair_list      # the pipeline
+    from eoir_cli import open_backend, run_pair                          # a model on one pair
+    from eoir_cli import load_model, save_checkpoint, ModelConfig, TrainConfig, PRESETS
+    from eoir_cli import warp, integrate, compose, train, evaluate, run_bench
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ _LAZY = {
     "ModelConfig": "eoir_cli.config",
     "PRESETS": "eoir_cli.config",
     "resolve_config": "eoir_cli.config",
+    "TrainConfig": "eoir_cli.config",
     "load_model": "eoir_cli.checkpoint",
     "save_checkpoint": "eoir_cli.checkpoint",
     "CheckpointError": "eoir_cli.checkpoint",
@@ -28,6 +32,17 @@ _LAZY = {
     "resize_disp": "eoir_cli.spatial",
     "jacobian_determinant": "eoir_cli.spatial",
     "register": "eoir_cli.register",
+    "RegistrationResult": "eoir_cli.register",
+    "register_pairs": "eoir_cli.batch",
+    "read_pair_list": "eoir_cli.data.datasets",
+    "open_backend": "eoir_cli.backends",
+    "load_backend": "eoir_cli.backends",
+    "Backend": "eoir_cli.backends",
+    "run_pair": "eoir_cli.inference",
+    "train": "eoir_cli.train",
+    "evaluate": "eoir_cli.evaluate",
+    "run_bench": "eoir_cli.bench",
+    "BenchSpec": "eoir_cli.bench",
 }
 
 __all__ = ["__version__", *_LAZY]

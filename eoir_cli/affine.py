@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eoir_cli.coords import identity_grid, sample_at
+
 log = logging.getLogger(__name__)
 
 Similarity = Literal["ncc", "mse"]
@@ -62,10 +64,7 @@ def downsample(data: np.ndarray, affine: np.ndarray, factors: Sequence[int]) -> 
 
 def _sample(moving: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Trilinear sample of ``(1, 1, D, H, W)`` at continuous indices ``(3, d, h, w)`` (zeros outside)."""
-    size = moving.shape[2:]
-    norm = [2 * index[i] / max(size[i] - 1, 1) - 1 for i in range(3)]
-    grid = torch.stack(norm[::-1], dim=-1)[None]
-    return F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return sample_at(moving, index)[None]
 
 
 def _global_ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -143,8 +142,7 @@ def affine_align(
             continue
         f_t = torch.from_numpy(f_data)[None, None]
         m_t = torch.from_numpy(m_data)[None, None]
-        grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in f_data.shape],
-                                          indexing="ij")).reshape(3, -1)
+        grid = identity_grid(f_data.shape, dtype=torch.float64)[0].reshape(3, -1)
         grid_h = torch.cat([grid, torch.ones(1, grid.shape[1], dtype=torch.float64)])
         f_aff_t = torch.tensor(f_aff, dtype=torch.float64)
         m_inv_t = torch.tensor(np.linalg.inv(m_aff), dtype=torch.float64)

@@ -1,8 +1,9 @@
-"""Model presets: the single source of defaults for every EOIR configuration.
+"""The single source of defaults: model presets, the training run config, the pipeline defaults.
 
 A :class:`ModelConfig` is frozen; presets are instances, and ``preset.replace(...)``
 (or :func:`resolve_config`) derives an overridden copy. Checkpoints store
-``dataclasses.asdict(config)`` so a model can always be rebuilt from its file.
+``dataclasses.asdict(config)`` so a model can always be rebuilt from its file; training
+checkpoints also store ``TrainConfig.to_dict()`` (its field names are a file format: keep them).
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+# The LUMIR 2024 grid (T1w brain, 1 mm isotropic): the bundled model's input size, the synthetic
+# default and the shape exports default to.
+LUMIR_SHAPE = (160, 224, 192)
+LUMIR_SPACING = 1.0
 
 
 def check_keys(cls: type, data: dict[str, Any], what: str) -> None:
@@ -117,6 +123,116 @@ def resolve_config(preset: str | ModelConfig, **overrides: Any) -> ModelConfig:
     except KeyError:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}") from None
     return base.replace(**overrides)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (the single source of training defaults).
+
+    Attributes:
+        dataset: ``synth``, ``lumir``, ``oasis``, ``abdomen``, ``acdc`` or ``pairs``.
+        data_dir: dataset root (synth: label maps; default the shared sample data if present).
+        preset: model preset (``lumir``, ``oasis``, ``abdomen``, ``acdc``).
+        channels: start channels, overriding the preset.
+        input_scale: resample factor before the network, overriding the preset (0.5 = half).
+        levels: pyramid levels, overriding the preset.
+        int_steps: scaling-and-squaring steps, overriding the preset.
+        shape: image size ``(D, H, W)`` fed to the model (synth: generated size; real data:
+            resampled to it when given, else the native size).
+        steps: total optimisation steps (wins over ``epochs``).
+        epochs: passes over the dataset's epoch length (synth: 1000 samples).
+        batch_size: pairs per step and per process.
+        lr: initial learning rate (Adam, amsgrad).
+        val_every: validate every this many steps (0 = only at the end).
+        save_every: write ``last.pt`` every this many steps (and at the end).
+        val_pairs: number of seeded synthetic validation pairs (synth only).
+        seed: seeds the weights and every sample.
+        amp: mixed precision (CUDA only).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        resume: ``last.pt`` (or its run directory) to continue from.
+        out: run directory.
+        windows: NCC window per level (last one for coarser levels); ``None`` = preset default
+            (``(9,)`` for lumir, ``(9, 5, 3)`` otherwise).
+        smooth_weight: weight of the velocity smoothness term.
+        penalty: ``l2`` (LUMIR) or ``l1`` smoothness.
+        dice_weight: weight of the soft Dice term (used when the dataset has labels).
+        real_fraction: synth: share of real-image pairs.
+        shapes_fraction: synth: share of random-shape pairs when label maps exist.
+        num_workers: data-loader worker processes.
+        log_every: rewrite ``metrics.csv`` every this many steps.
+    """
+
+    dataset: str = "synth"
+    data_dir: str | None = None
+    preset: str = "lumir"
+    channels: int | None = None
+    input_scale: float | None = None
+    levels: int | None = None
+    int_steps: int | None = None
+    shape: tuple[int, int, int] | None = None
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 1
+    lr: float = 1e-4
+    val_every: int = 500
+    save_every: int = 500
+    val_pairs: int = 4
+    seed: int = 0
+    amp: bool = False
+    device: str = "auto"
+    resume: str | None = None
+    out: str = "runs/eoir"
+    windows: tuple[int, ...] | None = None
+    smooth_weight: float = 1.0
+    penalty: str = "l2"
+    dice_weight: float = 1.0
+    real_fraction: float = 0.0
+    shapes_fraction: float = 0.5
+    num_workers: int = 0
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name in ("batch_size",):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("steps", "epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}: expected >= 1, got {value}")
+        for name in ("val_every", "save_every", "num_workers", "val_pairs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if self.penalty not in ("l1", "l2"):
+            raise ValueError(f"penalty: expected 'l1' or 'l2', got {self.penalty!r}")
+        if self.shape is not None and (len(self.shape) != 3 or min(self.shape) < 2):
+            raise ValueError(f"shape: expected 3 sizes >= 2, got {self.shape}")
+        if self.smooth_weight < 0 or self.dice_weight < 0:
+            raise ValueError("smooth_weight and dice_weight: expected >= 0")
+
+    def model_config(self) -> ModelConfig:
+        return resolve_config(self.preset, channels=self.channels, input_scale=self.input_scale,
+                              levels=self.levels, int_steps=self.int_steps)
+
+    def loss_windows(self) -> tuple[int, ...]:
+        if self.windows:
+            return tuple(self.windows)
+        return (9,) if self.preset == "lumir" else (9, 5, 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        check_keys(cls, data, "train config")
+        fixed = {k: (tuple(v) if k in ("shape", "windows") and v is not None else v) for k, v in data.items()}
+        return cls(**fixed)
+
+    def replace(self, **overrides: Any) -> TrainConfig:
+        return dataclasses.replace(self, **overrides)
 
 
 @dataclass(frozen=True)

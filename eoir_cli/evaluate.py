@@ -21,52 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from eoir_cli.coords import voxel_spacing
 from eoir_cli.errors import EoirError
 
 log = logging.getLogger(__name__)
-
-
-def padded_size(size: tuple[int, ...], multiple: tuple[int, ...], scale: float) -> tuple[int, int, int]:
-    """Smallest size >= ``size`` that ``scale`` maps to whole multiples of ``multiple``.
-
-    Example: size 150, multiple 16, scale 0.5 -> 160 (160 * 0.5 = 80 = 5 * 16).
-    """
-    out = []
-    for n, m in zip(size, multiple, strict=True):
-        p = max(n, 1)
-        while True:
-            net = p * scale
-            if abs(net - round(net)) < 1e-6 and round(net) % m == 0 and round(net) >= m:
-                break
-            p += 1
-        out.append(p)
-    return tuple(out)  # type: ignore[return-value]
-
-
-def predict_disp(model: torch.nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-    """Displacement ``(N, 3, D, H, W)`` in voxels for inputs of any size.
-
-    Inputs the network cannot take are zero-padded at the far end of each axis to the next size it
-    can (see :func:`padded_size`) and the displacement is cropped back, so voxel indices keep their
-    meaning.
-
-    Args:
-        model: an EOIR (eval mode is the caller's choice).
-        moving: ``(N, 1, D, H, W)`` in [0, 1].
-        fixed: ``(N, 1, D, H, W)`` in [0, 1], same shape.
-    """
-    config = model.config
-    size = tuple(int(s) for s in moving.shape[2:])
-    target = padded_size(size, config.size_multiple(), config.input_scale)
-    if target == size:
-        return model(moving, fixed)
-    pad = []
-    for n, p in zip(reversed(size), reversed(target), strict=True):
-        pad += [0, p - n]
-    disp = model(F.pad(moving, pad), F.pad(fixed, pad))
-    return disp[:, :, : size[0], : size[1], : size[2]]
 
 
 @dataclass
@@ -83,11 +42,6 @@ def _landmarks(image: Path) -> Path | None:
     return guess if guess != image and guess.is_file() else None
 
 
-def _spacing(affine: torch.Tensor) -> tuple[float, float, float]:
-    a = affine.numpy()
-    return tuple(float(s) for s in np.linalg.norm(a[:3, :3], axis=0))  # type: ignore[return-value]
-
-
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if v is not None and not math.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")
@@ -99,19 +53,20 @@ def evaluate(model_path: str, dataset: str, data_dir: str | Path, out: str | Pat
     """Evaluate ``model_path`` on the labelled validation pairs of a dataset.
 
     Args:
-        model_path: checkpoint (ours or an original EOIR ``.pth``) or ``default``/preset name.
+        model_path: checkpoint (ours or an original EOIR ``.pth``), ``default``/preset name, or an
+            exported ``.onnx``/``.engine`` (anything :func:`eoir_cli.backends.open_backend` opens).
         dataset: ``lumir``, ``oasis``, ``abdomen``, ``acdc`` or ``pairs``.
         data_dir: dataset root (read only).
         out: where ``pairs.csv``, ``summary.json`` (and ``submission/``) go; None = write nothing.
         save_disp: also write submission fields for the manifest's ``test`` pairs.
-        device: torch device.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         hd95: compute HD95 (the slowest metric).
         callback: ``callback(stage, done, total)`` after each pair (progress display).
 
     Raises:
         EoirError: bad dataset layout or files; a dataset with nothing to evaluate.
     """
-    from eoir_cli.checkpoint import load_model
+    from eoir_cli.backends import open_backend
     from eoir_cli.data.datasets import load_pair, open_dataset
     from eoir_cli.metrics import dice_per_label, field_metrics, hd95_per_label, landmarks_from_label_image, tre_mm
     from eoir_cli.spatial import warp
@@ -125,24 +80,21 @@ def evaluate(model_path: str, dataset: str, data_dir: str | Path, out: str | Pat
                         + ("" if save_disp else " (and --save-disp was not asked)"))
     if save_disp and not layout.test_pairs:
         raise EoirError(f"--save-disp: the {dataset} manifest lists no test pairs")
-    model = load_model(model_path, device=device)
-    dev = torch.device(device)
+    net = open_backend(model_path, device=device)
     labels = list(layout.labels) if layout.labels else None
     rows: list[dict[str, Any]] = []
     per_label: dict[int, list[float]] = {}
     for i, pair in enumerate(layout.val_pairs):
         t0 = time.perf_counter()
         sample = load_pair(pair, layout.normalization, True, affines=True)
-        moving, fixed = sample["moving"][None].to(dev), sample["fixed"][None].to(dev)
-        with torch.no_grad():
-            disp = predict_disp(model, moving, fixed)
-        warped = warp(sample["moving_labels"][None, None].float().to(dev), disp, mode="nearest")[0, 0]
-        warped_np = warped.long().cpu().numpy()
+        disp = torch.from_numpy(_predict(net, sample))[None]
+        warped = warp(sample["moving_labels"][None, None].float(), disp, mode="nearest")[0, 0]
+        warped_np = warped.long().numpy()
         fixed_lab, moving_lab = sample["fixed_labels"].numpy(), sample["moving_labels"].numpy()
         dice = dice_per_label(warped_np, fixed_lab, labels)
         before = dice_per_label(moving_lab, fixed_lab, labels)
         disp_np = disp[0].cpu().numpy().astype(np.float64)
-        spacing = _spacing(sample["fixed_affine"])
+        spacing = voxel_spacing(sample["fixed_affine"].numpy())
         row: dict[str, Any] = {"fixed": pair.fixed.id, "moving": pair.moving.id,
                                "dice": _nanmean(list(dice.values())), "dice_before": _nanmean(list(before.values()))}
         if hd95:
@@ -190,7 +142,7 @@ def evaluate(model_path: str, dataset: str, data_dir: str | Path, out: str | Pat
             files["pairs.csv"] = write_text_atomic(out / "pairs.csv", buf.getvalue())
             files["summary.json"] = write_json_atomic(out / "summary.json", summary)
         if save_disp:
-            files["submission"] = write_submission(model, layout, out / "submission", dev, callback)
+            files["submission"] = write_submission(net, layout, out / "submission", callback)
     elif save_disp:
         raise EoirError("--save-disp: expected --out for the submission files, got none")
     return EvalResult(rows, summary, files)
@@ -202,18 +154,27 @@ def _refuse_inside(out: Path, root: Path) -> None:
         raise EoirError(f"--out {out}: expected a directory outside the data directory {root} (never written)")
 
 
-def write_submission(model: torch.nn.Module, layout: Any, folder: Path, device: torch.device,
+def _predict(net: Any, sample: dict[str, Any]) -> np.ndarray:
+    """``(3, D, H, W)`` voxels for a loaded dataset sample (:func:`eoir_cli.inference.run_pair`)."""
+    from eoir_cli.inference import run_pair
+
+    return run_pair(net, sample["moving"][0].numpy(), sample["fixed"][0].numpy())
+
+
+def write_submission(net: Any, layout: Any, folder: Path,
                      callback: Callable[[str, int, int], None] | None = None) -> Path:
-    """Write ``disp_<fixed id>_<moving id>.nii.gz`` (float32 ``(D, H, W, 3)``, voxels) per test pair."""
+    """Write ``disp_<fixed id>_<moving id>.nii.gz`` (float32 ``(D, H, W, 3)``, voxels) per test pair.
+
+    Args:
+        net: an opened backend (:func:`eoir_cli.backends.open_backend`).
+    """
     from eoir_cli.data.datasets import load_pair
     from eoir_cli.io import save_volume
 
     _refuse_inside(folder, layout.root)
     for i, pair in enumerate(layout.test_pairs):
         sample = load_pair(pair, layout.normalization, False, affines=True)
-        with torch.no_grad():
-            disp = predict_disp(model, sample["moving"][None].to(device), sample["fixed"][None].to(device))
-        field_np = disp[0].permute(1, 2, 3, 0).cpu().numpy().astype(np.float32)
+        field_np = np.ascontiguousarray(_predict(net, sample).transpose(1, 2, 3, 0))
         save_volume(folder / f"disp_{pair.fixed.id}_{pair.moving.id}.nii.gz", field_np,
                     sample["fixed_affine"].numpy(), dtype=np.float32, intent="vector")
         if callback is not None:

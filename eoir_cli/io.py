@@ -53,7 +53,9 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along array axes 0, 1, 2 (column norms of the affine)."""
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        from eoir_cli.coords import voxel_spacing
+
+        return voxel_spacing(self.affine)
 
     @property
     def name(self) -> str:

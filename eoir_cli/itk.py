@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from eoir_cli.coords import ras_to_lps
 from eoir_cli.io import save_volume
-
-RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
 
 
 def itk_displacement(fixed_points_ras: np.ndarray, moving_points_ras: np.ndarray) -> np.ndarray:
@@ -32,7 +31,7 @@ def itk_displacement(fixed_points_ras: np.ndarray, moving_points_ras: np.ndarray
     Returns:
         ``(..., 3)`` float32 ``d = LPS(moving) - LPS(fixed)``.
     """
-    return ((moving_points_ras - fixed_points_ras) * RAS_TO_LPS).astype(np.float32)
+    return ras_to_lps(moving_points_ras - fixed_points_ras).astype(np.float32)
 
 
 def to_itk_layout(disp_lps: np.ndarray) -> np.ndarray:

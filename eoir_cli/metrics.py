@@ -159,8 +159,9 @@ def _deformation(disp: np.ndarray) -> np.ndarray:
     disp = _check_disp(disp)
     if min(disp.shape[1:]) < 3:
         raise ValueError(f"disp: expected at least 3 voxels per axis, got shape {disp.shape}")
-    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in disp.shape[1:]], indexing="ij"))
-    return grid + disp
+    from eoir_cli.coords import index_grid
+
+    return index_grid(disp.shape[1:], np.float64) + disp
 
 
 def _interior_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from eoir_cli.coords import voxel_spacing
 
-LUMIR_SHAPE = (160, 224, 192)
-LUMIR_SPACING = 1.0
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class NetworkGrid:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        return voxel_spacing(self.affine)
 
 
 def canonical_affine(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, int, int]]:

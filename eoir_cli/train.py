@@ -1,4 +1,6 @@
-"""Training EOIR: one function, :func:`train`, driven by one frozen :class:`TrainConfig`.
+"""Training EOIR: one function, :func:`train`, driven by one frozen :class:`~eoir_cli.config.TrainConfig`
+(defined beside ``ModelConfig`` in :mod:`eoir_cli.config`; ``from eoir_cli.train import TrainConfig``
+keeps working).
 
 Objective (``eoir_cli.losses.deep_supervision_loss``): local NCC + velocity smoothness (+ soft Dice
 when the dataset has labels) summed over the pyramid levels with weights 1/2^i, computed at
@@ -14,14 +16,14 @@ Outputs in ``out``: ``config.json`` (resolved config, written at start), ``metri
 ``last.pt`` (every ``save_every`` steps), ``best.pt`` (best validation Dice, or NCC without
 labels), ``model.safetensors`` (final weights only) and TensorBoard events when installed.
 
-Multi-GPU / multi-node: launch with ``torchrun`` (``RANK``/``WORLD_SIZE`` set) and training runs
-under DistributedDataParallel (NCCL on CUDA, gloo on CPU); rank 0 validates and writes.
+Multi-GPU / multi-node: launch the CLI module with ``torchrun`` (``torchrun --nproc_per_node N -m
+eoir_cli.cli train ...``; ``RANK``/``WORLD_SIZE`` set) and training runs under DistributedDataParallel
+(NCCL on CUDA, gloo on CPU); rank 0 validates and writes.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import logging
 import math
@@ -37,123 +39,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from eoir_cli.config import PRESETS, ModelConfig, check_keys, resolve_config
+from eoir_cli.config import TrainConfig
 from eoir_cli.errors import EoirError
 from eoir_cli.fileio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 NORMALIZATION = "intensities scaled to [0, 1] (LUMIR/brain: /255; CT: HU clipped to [-500, 800])"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run depends on (the single source of training defaults).
-
-    Attributes:
-        dataset: ``synth``, ``lumir``, ``oasis``, ``abdomen``, ``acdc`` or ``pairs``.
-        data_dir: dataset root (synth: label maps; default the shared sample data if present).
-        preset: model preset (``lumir``, ``oasis``, ``abdomen``, ``acdc``).
-        channels: start channels, overriding the preset.
-        input_scale: resample factor before the network, overriding the preset (0.5 = half).
-        levels: pyramid levels, overriding the preset.
-        int_steps: scaling-and-squaring steps, overriding the preset.
-        shape: image size ``(D, H, W)`` fed to the model (synth: generated size; real data:
-            resampled to it when given, else the native size).
-        steps: total optimisation steps (wins over ``epochs``).
-        epochs: passes over the dataset's epoch length (synth: 1000 samples).
-        batch_size: pairs per step and per process.
-        lr: initial learning rate (Adam, amsgrad).
-        val_every: validate every this many steps (0 = only at the end).
-        save_every: write ``last.pt`` every this many steps (and at the end).
-        val_pairs: number of seeded synthetic validation pairs (synth only).
-        seed: seeds the weights and every sample.
-        amp: mixed precision (CUDA only).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        resume: ``last.pt`` (or its run directory) to continue from.
-        out: run directory.
-        windows: NCC window per level (last one for coarser levels); ``None`` = preset default
-            (``(9,)`` for lumir, ``(9, 5, 3)`` otherwise).
-        smooth_weight: weight of the velocity smoothness term.
-        penalty: ``l2`` (LUMIR) or ``l1`` smoothness.
-        dice_weight: weight of the soft Dice term (used when the dataset has labels).
-        real_fraction: synth: share of real-image pairs.
-        shapes_fraction: synth: share of random-shape pairs when label maps exist.
-        num_workers: data-loader worker processes.
-        log_every: rewrite ``metrics.csv`` every this many steps.
-    """
-
-    dataset: str = "synth"
-    data_dir: str | None = None
-    preset: str = "lumir"
-    channels: int | None = None
-    input_scale: float | None = None
-    levels: int | None = None
-    int_steps: int | None = None
-    shape: tuple[int, int, int] | None = None
-    steps: int | None = None
-    epochs: int | None = None
-    batch_size: int = 1
-    lr: float = 1e-4
-    val_every: int = 500
-    save_every: int = 500
-    val_pairs: int = 4
-    seed: int = 0
-    amp: bool = False
-    device: str = "auto"
-    resume: str | None = None
-    out: str = "runs/eoir"
-    windows: tuple[int, ...] | None = None
-    smooth_weight: float = 1.0
-    penalty: str = "l2"
-    dice_weight: float = 1.0
-    real_fraction: float = 0.0
-    shapes_fraction: float = 0.5
-    num_workers: int = 0
-    log_every: int = 50
-
-    def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {self.preset!r}")
-        for name in ("batch_size",):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        for name in ("steps", "epochs"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}: expected >= 1, got {value}")
-        for name in ("val_every", "save_every", "num_workers", "val_pairs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr: expected > 0, got {self.lr}")
-        if self.penalty not in ("l1", "l2"):
-            raise ValueError(f"penalty: expected 'l1' or 'l2', got {self.penalty!r}")
-        if self.shape is not None and (len(self.shape) != 3 or min(self.shape) < 2):
-            raise ValueError(f"shape: expected 3 sizes >= 2, got {self.shape}")
-        if self.smooth_weight < 0 or self.dice_weight < 0:
-            raise ValueError("smooth_weight and dice_weight: expected >= 0")
-
-    def model_config(self) -> ModelConfig:
-        return resolve_config(self.preset, channels=self.channels, input_scale=self.input_scale,
-                              levels=self.levels, int_steps=self.int_steps)
-
-    def loss_windows(self) -> tuple[int, ...]:
-        if self.windows:
-            return tuple(self.windows)
-        return (9,) if self.preset == "lumir" else (9, 5, 3)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        check_keys(cls, data, "train config")
-        fixed = {k: (tuple(v) if k in ("shape", "windows") and v is not None else v) for k, v in data.items()}
-        return cls(**fixed)
-
-    def replace(self, **overrides: Any) -> TrainConfig:
-        return dataclasses.replace(self, **overrides)
 
 
 # Fields a resumed run may change; everything else must match the stored run.
@@ -209,17 +101,6 @@ def _dist_env() -> tuple[int, int, int]:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     return rank, world, local
-
-
-def _resolve_device(device: str, local_rank: int, world: int) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise EoirError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu)")
-        if world > 1 and device == "cuda":
-            device = f"cuda:{local_rank}"
-    return torch.device(device)
 
 
 def poly_lr_lambda(total_steps: int, power: float = 0.9) -> Callable[[int], float]:
@@ -348,7 +229,7 @@ def validate(model: nn.Module, pairs: Sequence[dict[str, torch.Tensor]], device:
 
     Runs ``model`` (an EOIR) in eval mode on full-size inputs (padded when needed).
     """
-    from eoir_cli.evaluate import predict_disp
+    from eoir_cli.inference import predict_disp
     from eoir_cli.losses import ncc_loss
     from eoir_cli.spatial import warp
 
@@ -406,7 +287,9 @@ def train(config: TrainConfig, callback: Callable[[StepInfo], None] | None = Non
     from eoir_cli.model import EOIR
 
     rank, world, local_rank = _dist_env()
-    device = _resolve_device(config.device, local_rank, world)
+    from eoir_cli.devices import resolve_device
+
+    device = torch.device(resolve_device(config.device, local_rank if world > 1 else None))
     if config.amp and device.type != "cuda":
         raise EoirError("--amp: mixed precision needs a CUDA device, got --device " + str(device))
     resume_data: dict[str, Any] | None = None
@@ -605,11 +488,3 @@ def _tensorboard(out: Path) -> Any:
     except Exception as err:  # a broken tensorboard install must not stop training
         log.warning("tensorboard disabled: %s", err)
         return None
-
-
-if __name__ == "__main__":  # torchrun --nproc_per_node N -m eoir_cli.train [eoir train options]
-    import sys
-
-    from eoir_cli.cli import app
-
-    app(args=["train", *sys.argv[1:]])

@@ -1,8 +1,12 @@
-"""Deployment: ONNX export, TensorRT engines, a backend per runtime, benchmarks.
+"""Converters: ONNX export (``torch2onnx``), TensorRT engines (``onnx2engine``), the TensorRT
+support table, verification against PyTorch, and on-the-fly conversion for benchmarks.
+
+``export`` imports ``eoir_cli`` (the model, the runtime, the metadata), never the reverse: the
+runtime that runs exported files lives in :mod:`eoir_cli.backends`.
 
 Public API (imported lazily so ``import export`` costs nothing)::
 
-    from export import load_backend, torch2onnx, onnx2engine, check_trt_support, run_bench
+    from export import torch2onnx, verify_onnx, onnx2engine, check_trt_support, model_for_backend
 """
 
 from __future__ import annotations
@@ -11,20 +15,12 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "Backend": "export.backends",
-    "TorchBackend": "export.backends",
-    "OnnxBackend": "export.backends",
-    "TensorRTBackend": "export.backends",
-    "BackendError": "export.backends",
-    "load_backend": "export.backends",
-    "SUFFIXES": "export.backends",
     "torch2onnx": "export.onnx_export",
     "verify_onnx": "export.onnx_export",
     "ExportResult": "export.onnx_export",
     "onnx2engine": "export.tensorrt",
     "check_trt_support": "export.trt_support",
-    "run_bench": "export.bench",
-    "DEFAULT_NORMALIZATION": "export.metadata",
+    "model_for_backend": "export.convert",
 }
 
 __all__ = list(_LAZY)

@@ -31,8 +31,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from eoir_cli.bench import smooth_pair
+from eoir_cli.config import LUMIR_SHAPE
 from eoir_cli.errors import EoirError
-from export.metadata import INPUT_NAMES, OUTPUT_NAME, build_metadata, normalization_of
+from eoir_cli.metadata import INPUT_NAMES, OUTPUT_NAME, build_metadata, normalization_of
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +266,7 @@ def _check_shape(model: Any, shape: Sequence[int]) -> tuple[int, int, int]:
 def torch2onnx(
     model: Any,
     output: str | os.PathLike[str],
-    shape: Sequence[int] = (160, 224, 192),
+    shape: Sequence[int] = LUMIR_SHAPE,
     sampler: ExportSampler = "gather",
     dynamic: bool = False,
     opset: int | None = None,
@@ -425,27 +427,6 @@ def op_histogram(proto: Any) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def smooth_pair(shape: Sequence[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Two smooth random ``(D, H, W)`` volumes in [0, 1] that differ by a smooth deformation.
-
-    Realistic enough to exercise every warp: low-frequency structure (not white noise, which the
-    network would never see), a shared anatomy-like pattern and a displaced copy.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    gen = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(1, 1, *[max(2, s // 8) for s in shape], generator=gen)
-    base = F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)
-    flow = F.interpolate(torch.randn(1, 3, 4, 4, 4, generator=gen) * 2.0, size=tuple(shape), mode="trilinear",
-                         align_corners=True)
-    from eoir_cli.spatial import warp
-
-    moving = warp(base, flow)
-    norm = [(x - x.min()) / (x.max() - x.min() + 1e-6) for x in (moving, base)]
-    return norm[0][0, 0].numpy().astype(np.float32), norm[1][0, 0].numpy().astype(np.float32)
-
-
 def pair_from_files(
     moving: str | os.PathLike[str], fixed: str | os.PathLike[str], shape: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -487,7 +468,7 @@ def verify_onnx(
     """
     import torch
 
-    from export.backends import OnnxBackend
+    from eoir_cli.backends import OnnxBackend
 
     if pair is None:
         pair, described = smooth_pair(shape), "two smooth random volumes (seed 0)"

@@ -24,7 +24,7 @@ from typing import Any
 
 from eoir_cli.errors import EoirError, GpuUnavailableError
 from eoir_cli.fileio import atomic_path, write_json_atomic
-from export.metadata import INPUT_NAMES
+from eoir_cli.metadata import INPUT_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class EngineBuildError(EoirError):
 
 def require_tensorrt() -> Any:
     """Return the ``tensorrt`` module when it and a CUDA GPU are usable, else a one-line error."""
-    from export.backends import import_tensorrt
+    from eoir_cli.backends import import_tensorrt
 
     trt = import_tensorrt()
     import torch
@@ -63,7 +63,9 @@ def _profile_shapes(meta: dict[str, Any], profile: Sequence[Sequence[int]] | Non
         return tuple(tuple(int(v) for v in s) for s in profile)  # type: ignore[return-value]
     config = meta["config"] if isinstance(meta.get("config"), ModelConfig) else ModelConfig()
     mult = config.size_multiple()
-    opt = tuple(meta.get("example_shape") or (160, 224, 192))
+    from eoir_cli.config import LUMIR_SHAPE
+
+    opt = tuple(meta.get("example_shape") or LUMIR_SHAPE)
     lo = tuple(2 * m for m in mult)
     hi = tuple(-(-int(1.5 * s) // m) * m for s, m in zip(opt, mult, strict=True))
     return lo, opt, hi
@@ -96,7 +98,7 @@ def onnx2engine(
     """
     import onnx
 
-    from export.metadata import parse_metadata
+    from eoir_cli.metadata import parse_metadata
 
     trt = require_tensorrt()
     onnx_path = Path(onnx_path)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest_export import PARITY_TOL, SHAPE, exported, random_pair, scratch_dir, tiny_model, torch_disp
 
+from eoir_cli.backends import BackendError, OnnxBackend, TorchBackend, backend_kind, load_backend
 from eoir_cli.checkpoint import save_checkpoint
 from eoir_cli.errors import GpuUnavailableError
-from export.backends import BackendError, OnnxBackend, TorchBackend, backend_kind, load_backend
 
 
 @pytest.mark.parametrize(("name", "kind"), [
@@ -126,8 +126,7 @@ def test_cuda_device_without_gpu_is_a_gpu_error():
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 def test_cached_grid_sampler_matches_sample_torch(mode):
-    from eoir_cli.spatial import sample_torch
-    from export.backends import sample_torch_cached
+    from eoir_cli.spatial import sample_torch, sample_torch_cached
 
     gen = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, 6, 7, 8, generator=gen)

@@ -8,10 +8,11 @@ import pytest
 from conftest_export import CHANNELS, scratch_dir
 from typer.testing import CliRunner
 
+from eoir_cli.bench import SCHEMA, BenchSpec, run_bench
 from eoir_cli.cli import app
 from eoir_cli.config import resolve_config
 from eoir_cli.info import count_flops
-from export.bench import SCHEMA, BenchSpec, run_bench
+from export.convert import model_for_backend
 
 SHAPE = (32, 32, 32)
 runner = CliRunner()
@@ -24,7 +25,7 @@ def report():
              BenchSpec("lumir", "onnx", SHAPE, runs=2, warmup=0, device="cpu", overrides=overrides),
              BenchSpec("model.nii.gz", "torch", SHAPE),
              BenchSpec("lumir", "onnx", SHAPE, precision="bf16", overrides=overrides)]
-    return run_bench(specs, isolate=False)
+    return run_bench(specs, isolate=False, prepare=model_for_backend)
 
 
 def test_schema_and_machine_metadata(report):

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from eoir_cli.checkpoint import save_checkpoint
 from eoir_cli.cli import app
 from eoir_cli.config import resolve_config
-from eoir_cli.evaluate import evaluate, padded_size, predict_disp
+from eoir_cli.evaluate import evaluate
+from eoir_cli.inference import padded_size, predict_disp
 from eoir_cli.metrics import mean_dice
 from eoir_cli.model import EOIR
 from eoir_cli.train import TrainConfig, train

@@ -9,7 +9,7 @@ from conftest_export import CHANNELS, PARITY_TOL, SHAPE, exported, random_pair, 
 from typer.testing import CliRunner
 
 from eoir_cli.cli import app
-from export.metadata import DEFAULT_NORMALIZATION, parse_metadata
+from eoir_cli.metadata import DEFAULT_NORMALIZATION, parse_metadata
 from export.onnx_export import ExportError, torch2onnx
 from export.trt_support import check_trt_support
 
@@ -17,7 +17,7 @@ runner = CliRunner()
 
 
 def _ort_disp(path, moving, fixed):
-    from export.backends import OnnxBackend
+    from eoir_cli.backends import OnnxBackend
 
     return OnnxBackend(path, device="cpu")(moving, fixed)
 
@@ -71,7 +71,7 @@ def test_no_initializer_larger_than_the_weights_need(sampler):
 
 def test_metadata_round_trip():
     from eoir_cli import __version__
-    from export.backends import load_backend
+    from eoir_cli.backends import load_backend
 
     result = exported("gather")
     proto = onnx.load(str(result.path))
@@ -88,7 +88,7 @@ def test_metadata_round_trip():
 
 
 def test_dynamic_export_runs_at_two_sizes():
-    from export.backends import load_backend
+    from eoir_cli.backends import load_backend
 
     result = exported("gather", dynamic=True)
     backend = load_backend(result.path, device="cpu")
@@ -199,7 +199,7 @@ def test_trt_engine_build_and_run():
 
     if not torch.cuda.is_available():
         pytest.skip("TensorRT engines need a CUDA GPU")
-    from export.backends import load_backend
+    from eoir_cli.backends import load_backend
     from export.tensorrt import onnx2engine
 
     engine = onnx2engine(exported("gather").path, scratch_dir() / "tiny.engine")

@@ -18,12 +18,13 @@ import torch
 from scipy import ndimage
 from typer.testing import CliRunner
 
+from eoir_cli.batch import read_pair_list
 from eoir_cli.checkpoint import save_checkpoint
 from eoir_cli.cli import app
 from eoir_cli.config import PRESETS
 from eoir_cli.errors import EoirError
 from eoir_cli.model import EOIR
-from eoir_cli.register import read_pairs, register
+from eoir_cli.register import register
 
 runner = CliRunner()
 SPACING = 4.0  # mm of the network grid in these tests
@@ -295,7 +296,7 @@ def _bad_files(tmp: Path, pair: dict[str, Path]) -> dict[str, tuple[list[str], s
         "hostile-model": ([f, m, "--model", str(tmp / "hostile.pt")], "refused to load"),
         "unknown-suffix": ([f, m, "--model", str(tmp / "model.xyz")], "unknown model suffix"),
         "missing-engine": ([f, m, "--model", str(tmp / "nope.engine")], "engine"),
-        "backend-mismatch": ([f, m, "--backend", "onnx"], "--backend onnx"),
+        "backend-mismatch": ([f, m, "--backend", "onnx"], "backend onnx: the model"),
     }
 
 
@@ -345,7 +346,7 @@ def test_batch_resumes_and_skips_finished_pairs(pair: dict[str, Path], tiny_mode
     csv_path.write_text("fixed,moving,moving_seg,fixed_seg,name\n"
                         f"{pair['fixed']},{pair['moving']},{pair['moving_seg']},{pair['fixed_seg']},a\n"
                         f"{pair['fixed']},{pair['fixed']},,,b\n")
-    assert [p.name for p in read_pairs(csv_path)] == ["a", "b"]
+    assert [p.label for p in read_pair_list(csv_path)] == ["a", "b"]
     out = tmp_path / "batch"
     args = ["register", "--pairs", str(csv_path), "-o", str(out), "--model", str(tiny_model), "--spacing",
             str(SPACING), "--no-affine", "--no-hd95"]
@@ -362,7 +363,7 @@ def test_batch_resumes_and_skips_finished_pairs(pair: dict[str, Path], tiny_mode
 
 
 def test_dataset_json_pairs_and_label_lookup(shared_data: Path) -> None:
-    pairs = read_pairs(shared_data / "brain_lumirlike/SYNBRAIN_dataset.json")
-    assert pairs[0].name == "0002_0001"
-    assert pairs[0].fixed.name == "SYNBRAIN_0002_0000.nii.gz" and pairs[0].fixed.is_file()
-    assert pairs[0].moving_seg is not None and pairs[0].moving_seg.parent.name == "labelsTr"
+    pairs = read_pair_list(shared_data / "brain_lumirlike/SYNBRAIN_dataset.json")
+    assert pairs[0].label == "0002_0001"
+    assert pairs[0].fixed.image.name == "SYNBRAIN_0002_0000.nii.gz" and pairs[0].fixed.image.is_file()
+    assert pairs[0].moving.seg is not None and pairs[0].moving.seg.parent.name == "labelsTr"

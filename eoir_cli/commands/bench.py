@@ -55,8 +55,10 @@ def bench_command(
     """
     from rich.table import Table
 
+    from eoir_cli.backends import BackendError, backend_kind
+    from eoir_cli.bench import BenchSpec, run_bench
     from eoir_cli.fileio import write_json_atomic
-    from export.bench import BenchSpec, run_bench
+    from export.convert import model_for_backend
 
     notes = []
     models = list(model or [])
@@ -69,12 +71,12 @@ def bench_command(
         backends = backends or ["torch", "onnx"]
     if shape is None:
         # The bundled model works on the LUMIR grid (it runs its network at a quarter of it).
-        shape = (160, 224, 192) if models == ["default"] else (64, 64, 64)
+        from eoir_cli.config import LUMIR_SHAPE
+
+        shape = LUMIR_SHAPE if models == ["default"] else (64, 64, 64)
     overrides = {"channels": channels} if channels else {}
     specs = []
     for m in models:
-        from export.backends import BackendError, backend_kind
-
         try:
             kinds = backends or [backend_kind(m)]
         except BackendError:
@@ -87,7 +89,7 @@ def bench_command(
     console.print(f"measuring {len(specs)} row(s) at {tuple(shape)} voxels, {runs} runs + {warmup} warm-up each"
                   f"{' (each in a fresh process)' if isolate else ''}...")
     with console.status("benchmarking..."):
-        report = run_bench(specs, isolate=isolate,
+        report = run_bench(specs, isolate=isolate, prepare=model_for_backend,
                            on_result=lambda r: console.print(f"  {r['model']} {r['label']}: "
                                                              + (f"[red]{r['error']}[/]" if r["error"] else
                                                                 f"{r['latency_s']['median']:.3f} s"),

@@ -62,16 +62,3 @@ class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available else ``cpu``; ``cuda`` without a GPU is a clear error."""
-    import torch
-
-    from eoir_cli.errors import GpuUnavailableError
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GpuUnavailableError("--device cuda: no CUDA GPU is available on this machine (use --device cpu)")
-    return device

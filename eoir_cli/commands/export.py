@@ -68,7 +68,9 @@ def export_command(
             console.print(f"TensorRT {trt_mod.__version__}: fp16 via BuilderFlag.FP16 on an fp32 ONNX")
     net = load_model(model, device="cpu")
     info = getattr(net, "checkpoint_info", {}) or {}
-    size = tuple(shape) if shape else tuple(info.get("grid_size") or (160, 224, 192))
+    from eoir_cli.config import LUMIR_SHAPE
+
+    size = tuple(shape) if shape else tuple(info.get("grid_size") or LUMIR_SHAPE)
     pair = None
     if verify and verify_with:
         from export.onnx_export import pair_from_files

@@ -8,11 +8,12 @@ from typing import Annotated
 import typer
 
 from eoir_cli.commands.common import cli_command, console
+from eoir_cli.config import LUMIR_SHAPE
 
 
 @cli_command
 def info_command(
-    shape: Annotated[tuple[int, int, int], typer.Option(help="D H W at which FLOPs are counted.")] = (160, 224, 192),
+    shape: Annotated[tuple[int, int, int], typer.Option(help="D H W at which FLOPs are counted.")] = LUMIR_SHAPE,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show presets (parameters, FLOPs per pair), library versions and available devices.

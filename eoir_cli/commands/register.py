@@ -102,9 +102,9 @@ def _run_batch(pairs_file: Path, out: Path, model: str, backend: str, device: st
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from eoir_cli.register import read_pairs, register_pairs
+    from eoir_cli.batch import read_pair_list, register_pairs
 
-    jobs = read_pairs(pairs_file)
+    jobs = read_pair_list(pairs_file)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("registering", total=len(jobs))

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from eoir_cli.commands.common import Device, cli_command, console, resolve_device
+from eoir_cli.commands.common import Device, cli_command, console
 from eoir_cli.commands.train import DatasetName
 
 
@@ -40,7 +40,7 @@ def test_command(
                 tasks[stage] = progress.add_task(stage, total=total)
             progress.update(tasks[stage], completed=done)
 
-        result = evaluate(model, dataset.value, data_dir, out, save_disp, resolve_device(device.value), hd95,
+        result = evaluate(model, dataset.value, data_dir, out, save_disp, device.value, hd95,
                           callback)
     if result.rows:
         table = Table(title=f"{dataset.value}: {len(result.rows)} validation pairs")

@@ -32,16 +32,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from eoir_cli.config import LUMIR_SHAPE
 from eoir_cli.errors import EoirError
 
 if TYPE_CHECKING:
-    from eoir_cli.train import TrainConfig
+    from eoir_cli.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 DATASETS = ("synth", "lumir", "oasis", "abdomen", "acdc", "pairs")
 Normalization = Literal["u8", "minmax", "ct"]
-SYNTH_DEFAULT_SHAPE = (160, 224, 192)
+SYNTH_DEFAULT_SHAPE = LUMIR_SHAPE
 SYNTH_EPOCH = 1000
 VAL_SEED = 20241125
 
@@ -66,6 +67,12 @@ class PairRecord:
 
     fixed: ImageRecord
     moving: ImageRecord
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        """``name`` when the list gave one, else ``<fixed id>_<moving id>`` (a folder-safe name)."""
+        return re.sub(r"[^\w.-]", "_", self.name or f"{self.fixed.id}_{self.moving.id}")
 
 
 @dataclass
@@ -553,28 +560,45 @@ def open_acdc(root: str | Path | None) -> DatasetLayout:
                          normalization="minmax", labels=(1, 2, 3))
 
 
-def open_pairs(root: str | Path | None) -> DatasetLayout:
-    """A pair list: JSON (``[{fixed, moving, fixed_seg?, moving_seg?}]`` or ``{"pairs": [...]}``) or CSV
-    with those columns. Relative paths are relative to the list file; ``--data-dir`` may be the file
-    or a directory holding ``pairs.json``/``pairs.csv``."""
-    if root is None:
-        raise DatasetError("--dataset pairs: expected --data-dir pointing at a pairs .json/.csv file, got none")
-    path = Path(root)
-    if path.is_dir():
-        path = next((path / n for n in ("pairs.json", "pairs.csv") if (path / n).is_file()), path / "pairs.json")
+PAIR_LIST_KEYS = ("pairs", "test", "validation", "registration_test", "registration_val", "eval_pairs")
+
+
+def read_pair_list(path: str | Path) -> list[PairRecord]:
+    """Read a pair list: the one reader behind ``--dataset pairs`` and ``eoir register --pairs``.
+
+    Formats:
+        * CSV with a header ``fixed,moving[,fixed_seg,moving_seg,name]`` (``,``/``;``/tab).
+        * JSON: a list of ``{fixed, moving[, fixed_seg, moving_seg, name]}`` objects, or an object
+          holding such a list under one of :data:`PAIR_LIST_KEYS` (a Learn2Reg ``*_dataset.json``:
+          ``test``, ``registration_val``, ...; the first non-empty one is used).
+    Relative paths (and Learn2Reg's ``/imagesTr/...`` or ``./imagesTr/...``) are relative to the
+    list's folder. In a Learn2Reg manifest a label map without a ``*_seg`` entry is the image path
+    with ``images`` -> ``labels`` when that file exists. Every listed file must exist.
+
+    Raises:
+        DatasetError: unreadable list, missing columns/keys or files, no pairs (one line naming the entry).
+    """
+    path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"--data-dir {root}: expected a pairs .json/.csv file (or a folder with pairs.json), "
-                           "got no such file")
+        raise DatasetError(f"{path}: expected a pairs .csv/.json file, got no such file")
+    manifest = False
     if path.suffix.lower() == ".csv":
         entries: list[Any] = _read_csv(path, ("fixed", "moving"))
-    else:
+    elif path.suffix.lower() == ".json":
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise DatasetError(f"{path}: malformed JSON pair list ({err.msg} at line {err.lineno})") from None
-        entries = data.get("pairs") if isinstance(data, dict) else data
-        if not isinstance(entries, list):
-            raise DatasetError(f"{path}: expected a list of pairs (or {{'pairs': [...]}}), got {type(data).__name__}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DatasetError(f"{path}: malformed JSON pair list ({err})") from None
+        if isinstance(data, dict):
+            found = next((k for k in PAIR_LIST_KEYS if isinstance(data.get(k), list) and data[k]), None)
+            manifest = found != "pairs"
+            data = data.get(found) if found else None
+        if not isinstance(data, list):
+            raise DatasetError(f"{path}: expected a list of {{'fixed', 'moving'}} pairs, or such a list under one "
+                               f"of {list(PAIR_LIST_KEYS)}")
+        entries = data
+    else:
+        raise DatasetError(f"{path}: expected a .csv or .json pair list, got {path.suffix!r}")
     base = path.parent
     pairs = []
     for i, entry in enumerate(entries):
@@ -583,20 +607,50 @@ def open_pairs(root: str | Path | None) -> DatasetLayout:
             raise DatasetError(f"{where}: expected 'fixed' and 'moving' paths, got {entry!r}")
         recs = []
         for key in ("fixed", "moving"):
-            image = _exists(_resolve(base, entry[key]), f"{where}.{key}")
+            image = _exists(_resolve(base, str(entry[key])), f"{where}.{key}")
             seg_value = entry.get(f"{key}_seg")
-            seg = _exists(_resolve(base, seg_value), f"{where}.{key}_seg") if seg_value else None
+            seg = _exists(_resolve(base, str(seg_value)), f"{where}.{key}_seg") \
+                if seg_value else (_labels_beside(image) if manifest else None)
             recs.append(ImageRecord(image=image, seg=seg, entry=f"{where}.{key}", id=_image_id(image)))
-        pairs.append(PairRecord(fixed=recs[0], moving=recs[1]))
+        pairs.append(PairRecord(fixed=recs[0], moving=recs[1], name=str(entry.get("name") or "")))
     _need(pairs, 1, f"{path}: pairs")
-    return DatasetLayout("pairs", base, train_pairs=pairs,
+    return pairs
+
+
+def _labels_beside(image: Path) -> Path | None:
+    """Learn2Reg layout: the label map is the image path with ``images*`` -> ``labels*`` (if it exists)."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i].startswith("images"):
+            candidate = Path(*parts[:i], "labels" + parts[i][len("images"):], *parts[i + 1:])
+            return candidate if candidate.is_file() else None
+    return None
+
+
+def open_pairs(root: str | Path | None) -> DatasetLayout:
+    """A pair list (:func:`read_pair_list`); ``--data-dir`` may be the file or a directory holding
+    ``pairs.json``/``pairs.csv``."""
+    if root is None:
+        raise DatasetError("--dataset pairs: expected --data-dir pointing at a pairs .json/.csv file, got none")
+    path = Path(root)
+    if path.is_dir():
+        path = next((path / n for n in ("pairs.json", "pairs.csv") if (path / n).is_file()), path / "pairs.json")
+    if not path.is_file():
+        raise DatasetError(f"--data-dir {root}: expected a pairs .json/.csv file (or a folder with pairs.json), "
+                           "got no such file")
+    pairs = read_pair_list(path)
+    return DatasetLayout("pairs", path.parent, train_pairs=pairs,
                          val_pairs=[p for p in pairs if p.fixed.seg and p.moving.seg], test_pairs=pairs,
                          normalization="minmax", labels=None)
 
 
 def _resolve(base: Path, value: str) -> Path:
+    """A listed path: absolute when it exists as such, else relative to ``base`` (Learn2Reg writes
+    ``/imagesTr/x.nii.gz`` and ``./imagesTr/x.nii.gz`` relative to the manifest's folder)."""
     p = Path(value)
-    return p if p.is_absolute() else base / p
+    if p.is_absolute() and (p.exists() or not (base / value.lstrip("/")).exists()):
+        return p
+    return base / value.lstrip("/").removeprefix("./")
 
 
 def open_dataset(name: str, root: str | Path | None) -> DatasetLayout:

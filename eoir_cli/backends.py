@@ -16,7 +16,6 @@ suffix                                  backend              runtime
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ import numpy as np
 
 from eoir_cli.config import PRESETS, ModelConfig
 from eoir_cli.errors import EoirError, GpuUnavailableError
-from export.metadata import INPUT_NAMES, OUTPUT_NAME, normalization_of, parse_metadata
+from eoir_cli.metadata import INPUT_NAMES, OUTPUT_NAME, normalization_of, parse_metadata
 
 log = logging.getLogger(__name__)
 
@@ -120,54 +119,13 @@ class Backend(ABC):
         """``(1, 1, D, H, W)`` float32 pair -> ``(1, 3, D, H, W)`` float32 voxels."""
 
 
-@functools.lru_cache(maxsize=8)
-def _normalised_identity(out_size: tuple[int, ...], in_size: tuple[int, ...], device: str) -> Any:
-    """``(1, d, h, w, 3)`` float32 grid_sample coordinates of every output voxel, (x, y, z) = (W, H, D) order.
-
-    align_corners=True: voxel i of an axis of length n sits at ``2 i / (n - 1) - 1``. Cached per size
-    (8 entries: one model's pyramid levels), so it is built once per level instead of once per warp.
-    """
-    import torch
-
-    ramps = [torch.arange(o, dtype=torch.float64) * (2.0 / max(n - 1, 1)) - 1.0 for o, n in zip(out_size, in_size,
-                                                                                                strict=True)]
-    grid = torch.stack(torch.meshgrid(*ramps, indexing="ij")[::-1], dim=-1)
-    return grid.to(device=device, dtype=torch.float32).unsqueeze(0).contiguous()
-
-
-def sample_torch_cached(image: Any, disp: Any, mode: str = "bilinear") -> Any:
-    """``grid_sample`` warp with the convention of :func:`eoir_cli.spatial.sample_torch`, fewer passes.
-
-    ``sample_torch`` rebuilds the identity grid and normalises each axis separately (about a dozen
-    full-size elementwise passes and two concatenations per warp); here the normalised identity is
-    cached and the grid is one fused ``addcmul``. Same result to float32 rounding (≤ 1e-5 voxels).
-
-    Args:
-        image: ``(N, C, D, H, W)``.
-        disp: ``(N, 3, d, h, w)`` voxels of the image grid.
-        mode: ``"bilinear"`` or ``"nearest"``.
-
-    Returns:
-        ``(N, C, d, h, w)``, zeros outside the image.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    in_size = tuple(image.shape[2:])
-    base = _normalised_identity(tuple(disp.shape[2:]), in_size, str(disp.device))
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in in_size[::-1]], dtype=torch.float32, device=disp.device)
-    grid = torch.addcmul(base, disp.float().permute(0, 2, 3, 4, 1).flip(-1), scale)
-    # Coordinates stay float32 (bf16 would misplace samples by up to a voxel at index ~200); under
-    # autocast grid_sample runs in float32 anyway, so a reduced-precision image is upcast, not the grid cast down.
-    image = image if image.dtype == grid.dtype else image.float()
-    return F.grid_sample(image, grid, mode=mode, padding_mode="zeros", align_corners=True)
-
-
 class TorchBackend(Backend):
-    """PyTorch: our checkpoints, original EOIR checkpoints, presets (random weights) or ``"default"``.
+    """PyTorch: our checkpoints, original EOIR checkpoints, presets (random weights), ``"default"``,
+    or an ``EOIR`` module already in memory.
 
     Args:
-        path: ``.pt``/``.pth``/``.safetensors`` file, preset name or ``"default"``.
+        path: ``.pt``/``.pth``/``.safetensors`` file, preset name, ``"default"`` or an ``EOIR``
+            module (run as given: eval mode, its own sampler, on ``device`` or where it already is).
         device: ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
         precision: ``"fp32"``; ``"bf16"`` (CPU or CUDA) and ``"fp16"`` (CUDA) run the convolutions
             under autocast while the warps and the output stay float32.
@@ -183,23 +141,32 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, path: str | os.PathLike[str], device: str = "auto", precision: Precision = "fp32",
+    def __init__(self, path: Any, device: str = "auto", precision: Precision = "fp32",
                  sampler: str = "torch", channels_last: bool | None = None, threads: int | None = None,
                  overrides: dict[str, Any] | None = None, eager: bool = False, **_: Any) -> None:
         import torch
 
         from eoir_cli.checkpoint import load_model
+        from eoir_cli.devices import resolve_device
+        from eoir_cli.spatial import sample_torch_cached
 
         if precision not in PRECISIONS:
             raise BackendError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
-        device = _resolve_torch_device(device)
+        in_memory = isinstance(path, torch.nn.Module)
+        if in_memory and device == "auto":
+            device = str(next(path.parameters()).device)  # a module stays where the caller put it
+        device = resolve_device(device)
         if precision == "fp16" and not device.startswith("cuda"):
             raise BackendError("precision fp16: expected a CUDA device (CPU autocast supports bf16), got cpu")
         if threads:
             torch.set_num_threads(int(threads))
-        # The fast path swaps in the cached-grid sampler (same convention, fewer passes per warp).
-        run_sampler = sample_torch_cached if sampler == "torch" and not eager else sampler
-        model = load_model(str(path), sampler=run_sampler, device=device, **(overrides or {}))
+        if in_memory:
+            # A module the caller owns (training, tests) is run as it is: no sampler swap, no in-place ReLU.
+            model, eager, label = path.eval().to(device), True, "module"
+        else:
+            # The fast path swaps in the cached-grid sampler (same convention, fewer passes per warp).
+            run_sampler = sample_torch_cached if sampler == "torch" and not eager else sampler
+            model, label = load_model(str(path), sampler=run_sampler, device=device, **(overrides or {})), str(path)
         info = getattr(model, "checkpoint_info", {}) or {}
         self.model = model
         self.eager = eager
@@ -215,10 +182,11 @@ class TorchBackend(Backend):
             for module in model.modules():
                 if isinstance(module, torch.nn.ReLU):
                     module.inplace = True
+        source = ("module" if in_memory else "preset (random weights)" if label in PRESETS and not Path(label).exists()
+                  else "checkpoint")
         metadata = {"normalization": normalization_of(info), "sampler": sampler, "format": info.get("format"),
-                    "source": "preset (random weights)" if str(path) in PRESETS and not Path(path).exists()
-                    else "checkpoint"}
-        super().__init__(str(path), device, precision, None, model.config, metadata)
+                    "source": source}
+        super().__init__(label, device, precision, None, model.config, metadata)
 
     def _run(self, moving: np.ndarray, fixed: np.ndarray) -> np.ndarray:
         import torch
@@ -394,18 +362,6 @@ def _torch_dtype(trt: Any, dtype: Any) -> Any:
     return table[dtype]
 
 
-def _resolve_torch_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GpuUnavailableError(f"device {device!r}: no CUDA GPU is available on this machine (use cpu)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise BackendError(f"device: expected auto, cpu or cuda[:i], got {device!r}")
-    return device
-
-
 def _import_onnxruntime() -> Any:
     try:
         import onnxruntime as ort
@@ -466,3 +422,49 @@ def load_backend(path: str | os.PathLike[str], device: str = "auto", providers: 
     if kind == "onnx":
         return OnnxBackend(path, device=device, providers=providers, **options)
     return BACKENDS[kind](path, device=device, **options)
+
+
+BACKEND_NAMES = ("auto", "torch", "onnx", "tensorrt")
+
+
+def open_backend(model: Any = "default", backend: str = "auto", device: str = "auto",
+                 precision: str = "fp32") -> Backend:
+    """Open a model once (for one or many pairs): the entry point of ``register``, ``test`` and ``bench``.
+
+    Args:
+        model: ``"default"``, a preset name, a ``.pt``/``.pth``/``.safetensors``/``.onnx``/``.engine``
+            path, an ``EOIR`` module, or an already opened :class:`Backend` (returned as is; any
+            callable with the :class:`Backend` attributes counts).
+        backend: ``"auto"`` (by suffix) or the runtime the file must match.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (PyTorch; exported files carry their own).
+
+    Raises:
+        EoirError: unknown suffix, missing/corrupt/hostile file, backend mismatch, no GPU.
+    """
+    import torch
+
+    from eoir_cli.checkpoint import CheckpointError
+
+    if backend not in BACKEND_NAMES:
+        raise EoirError(f"backend: expected one of {BACKEND_NAMES}, got {backend!r}")
+    if isinstance(model, torch.nn.Module):
+        if backend not in ("auto", "torch"):
+            raise EoirError(f"backend {backend}: an in-memory module runs on the torch backend")
+        return TorchBackend(model, device=device, precision=precision)  # type: ignore[arg-type]
+    if callable(model) and hasattr(model, "input_shape"):
+        return model  # an opened Backend (or a stand-in with its attributes)
+    name = str(model)
+    kind = backend_kind(name)
+    if backend != "auto" and backend != kind:
+        raise EoirError(f"backend {backend}: the model {name} is a {kind} model (by its suffix); "
+                        "export it with `eoir export` or use the auto backend")
+    if name != "default" and name not in PRESETS and not Path(name).is_file():
+        raise EoirError(f"model {name}: no such file (expected 'default', a preset {sorted(PRESETS)} or a model file)")
+    if kind != "torch" and precision != "fp32":
+        log.warning("precision %s ignored: %s files carry their own precision", precision, kind)
+        precision = "fp32"
+    try:
+        return load_backend(name, device=device, precision=precision)
+    except CheckpointError as err:
+        raise EoirError(str(err)) from None

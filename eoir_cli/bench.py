@@ -1,12 +1,13 @@
-"""Benchmarks of the deployment backends: latency, throughput, peak memory, achieved FLOP rate.
+"""Benchmarks of the runtime backends (``eoir bench``): latency, throughput, peak memory, achieved FLOP rate.
 
 Method (written down so numbers can be compared across machines):
 
 * One measurement = one (model, backend, precision, shape). By default it runs in a **fresh child
   process** so its peak resident memory (``VmHWM``) belongs to that measurement alone; the RSS
   after loading the model (before the first pair) is reported too.
-* ``warmup`` untimed calls, then ``runs`` timed calls of ``backend(moving, fixed)`` on one smooth
-  synthetic pair (numpy in, numpy out, so GPU work is synchronised by the copy back).
+* ``warmup`` untimed calls, then ``runs`` timed calls of :func:`eoir_cli.inference.run_pair` (the
+  path ``register`` and ``test`` take) on one smooth synthetic pair (:func:`smooth_pair`; numpy in,
+  numpy out, so GPU work is synchronised by the copy back).
 * Latency median / p10 / p90 in seconds; pairs/s = 1 / median; FLOPs from
   :func:`eoir_cli.info.count_flops` (convolutions; warps and resizes are not counted), achieved
   GFLOP/s = FLOPs / median.
@@ -28,7 +29,7 @@ import platform
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,28 @@ class BenchSpec:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     save_disp: str | None = None
+
+
+def smooth_pair(shape: Sequence[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two smooth random ``(D, H, W)`` volumes in [0, 1] that differ by a smooth deformation.
+
+    The pair benchmarks and export verification run on. Realistic enough to exercise every warp:
+    low-frequency structure (not white noise, which the network would never see), a shared
+    anatomy-like pattern and a displaced copy.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from eoir_cli.spatial import warp
+
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 1, *[max(2, s // 8) for s in shape], generator=gen)
+    base = F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=True)
+    flow = F.interpolate(torch.randn(1, 3, 4, 4, 4, generator=gen) * 2.0, size=tuple(shape), mode="trilinear",
+                         align_corners=True)
+    moving = warp(base, flow)
+    norm = [(x - x.min()) / (x.max() - x.min() + 1e-6) for x in (moving, base)]
+    return norm[0][0, 0].numpy().astype(np.float32), norm[1][0, 0].numpy().astype(np.float32)
 
 
 def cpu_model() -> str:
@@ -168,8 +191,8 @@ def measure(spec: BenchSpec, model_path: str) -> dict[str, Any]:
     """
     import torch
 
-    from export.backends import load_backend
-    from export.onnx_export import smooth_pair
+    from eoir_cli.backends import load_backend
+    from eoir_cli.inference import run_pair
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -186,12 +209,12 @@ def measure(spec: BenchSpec, model_path: str) -> dict[str, Any]:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(spec.warmup):
-        backend(moving, fixed)
+        run_pair(backend, moving, fixed)
     times = []
     disp = None
     for _ in range(spec.runs):
         start = time.perf_counter()
-        disp = backend(moving, fixed)
+        disp = run_pair(backend, moving, fixed)
         times.append(time.perf_counter() - start)
     if spec.save_disp and disp is not None:
         np.save(spec.save_disp, disp)
@@ -214,44 +237,28 @@ def _measure_child(spec: BenchSpec, model_path: str) -> dict[str, Any]:
     return measure(spec, model_path)
 
 
-def _prepare(spec: BenchSpec, workdir: Path) -> tuple[str, float, str | None]:
-    """The file a spec runs on: exports ONNX / builds an engine from a checkpoint when asked.
+def runtime_of(backend: str) -> str:
+    """The runtime a bench backend runs on (``onnx-native`` is an ``onnx`` file with GridSample)."""
+    if backend not in BENCH_BACKENDS:
+        raise ValueError(f"backend: expected one of {BENCH_BACKENDS}, got {backend!r}")
+    return "onnx" if backend in ("onnx", "onnx-native") else backend
 
-    Returns:
-        ``(path, prepare seconds, note)``.
+
+def file_for(spec: BenchSpec, workdir: Path) -> tuple[str, float, str | None]:
+    """The file a spec runs on when it needs no conversion: ``(path, prepare seconds, note)``.
+
+    The default ``prepare`` of :func:`run_bench`. Converting a checkpoint to ONNX or an engine is
+    export's job: pass ``prepare=export.convert.model_for_backend`` (``eoir bench`` does).
     """
-    from export.backends import backend_kind
+    from eoir_cli.backends import backend_kind
 
     kind = backend_kind(spec.model)
-    wanted = "onnx" if spec.backend in ("onnx", "onnx-native") else spec.backend
-    if wanted not in ("torch", "onnx", "tensorrt"):
-        raise ValueError(f"backend: expected one of {BENCH_BACKENDS}, got {spec.backend!r}")
-    if kind == wanted:
-        return spec.model, 0.0, None
-    if kind != "torch":
-        raise ValueError(f"{spec.model}: a {kind} file cannot run on the {spec.backend} backend; pass a checkpoint "
-                         "to have it exported")
-    from eoir_cli.checkpoint import load_model
-    from export.onnx_export import torch2onnx
-
-    if wanted == "tensorrt":
-        from export.tensorrt import require_tensorrt
-
-        require_tensorrt()  # before spending an export on it
-    if spec.precision == "bf16":
-        raise ValueError("bf16 is measured on the torch backend only (onnxruntime CPU has no bf16 convolutions)")
-    start = time.perf_counter()
-    net = load_model(spec.model, **spec.overrides)
-    sampler = "native" if spec.backend == "onnx-native" else "gather"
-    onnx_path = workdir / f"{Path(spec.model).stem}-{sampler}-{'x'.join(map(str, spec.shape))}-{spec.precision}.onnx"
-    if not onnx_path.exists():
-        torch2onnx(net, onnx_path, shape=spec.shape, sampler=sampler, fp16=spec.precision == "fp16", verify=False)
-    path = str(onnx_path)
-    if wanted == "tensorrt":
-        from export.tensorrt import onnx2engine
-
-        path = str(onnx2engine(onnx_path, fp16=spec.precision == "fp16"))
-    return path, time.perf_counter() - start, f"exported from {spec.model} ({sampler} sampler)"
+    wanted = runtime_of(spec.backend)
+    if kind != wanted:
+        raise ValueError(f"{spec.model}: a {kind} file cannot run on the {spec.backend} backend"
+                         + ("; pass a converter as prepare (export.convert.model_for_backend)"
+                            if kind == "torch" else "; pass a checkpoint to have it exported"))
+    return spec.model, 0.0, None
 
 
 def _label(spec: BenchSpec) -> str:
@@ -266,6 +273,7 @@ def run_bench(
     isolate: bool = True,
     workdir: str | os.PathLike[str] | None = None,
     on_result: Any = None,
+    prepare: Callable[[BenchSpec, Path], tuple[str, float, str | None]] | None = None,
 ) -> dict[str, Any]:
     """Measure every spec and return ``{"schema", "machine", "results"}`` (one row per spec).
 
@@ -275,6 +283,9 @@ def run_bench(
             this process (faster; ``peak_rss_mb`` is then this process's high-water mark).
         workdir: where exported ONNX/engine files go (default: a temporary directory).
         on_result: optional callback ``f(row)`` after each row (progress display).
+        prepare: ``prepare(spec, workdir) -> (file, seconds, note)`` giving the file a spec runs on
+            (default :func:`file_for`: no conversion; ``export.convert.model_for_backend`` exports
+            checkpoints to ONNX / TensorRT on the fly).
     """
     from eoir_cli.info import count_flops
 
@@ -290,7 +301,7 @@ def run_bench(
                                    "overrides": spec.overrides, "options": spec.options, "isolated": isolate,
                                    "error": None}
             try:
-                path, prep, note = _prepare(spec, work)
+                path, prep, note = (prepare or file_for)(spec, work)
                 row.update(prepare_seconds=prep, note=note, file=path)
                 if isolate:
                     ctx = multiprocessing.get_context("spawn")

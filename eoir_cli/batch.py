@@ -1,0 +1,108 @@
+"""Batches: many pairs registered with one opened model, resumable, one summary row per pair.
+
+Pair lists are read by :func:`eoir_cli.data.datasets.read_pair_list` (CSV, JSON list or a
+Learn2Reg ``*_dataset.json``), the same reader ``--dataset pairs`` uses.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eoir_cli.data.datasets import PairRecord, read_pair_list
+from eoir_cli.errors import EoirError
+from eoir_cli.outputs import DONE_MARKER, copy_atomic
+
+__all__ = ["PairOutcome", "read_pair_list", "register_pairs"]
+
+
+@dataclass
+class PairOutcome:
+    """Summary row of one batch pair."""
+
+    name: str
+    status: str  # "done", "skipped" (already finished) or "failed"
+    seconds: float | None = None
+    dice_before: float | None = None
+    dice_after: float | None = None
+    ndv_percent: float | None = None
+    error: str | None = None
+
+
+def _outcome_from_metrics(name: str, status: str, metrics: dict[str, Any]) -> PairOutcome:
+    seg = metrics.get("segmentation") or {}
+    return PairOutcome(name, status, (metrics.get("timings_s") or {}).get("total"), seg.get("dice_before_mean"),
+                       seg.get("dice_after_mean"), (metrics.get("field") or {}).get("ndv_percent"))
+
+
+def register_pairs(
+    pairs: Sequence[PairRecord],
+    out_dir: str | os.PathLike[str],
+    model: Any = "default",
+    backend: str = "auto",
+    device: str = "auto",
+    precision: str = "fp32",
+    progress: Callable[[int, int, PairOutcome], None] | None = None,
+    **options: Any,
+) -> list[PairOutcome]:
+    """Register many pairs with one loaded model, into ``out_dir/<pair label>/``.
+
+    Pairs whose folder already holds ``metrics.json`` are skipped (the batch is resumable); a pair
+    that fails is reported and the batch goes on. ``summary.csv`` is written to ``out_dir``.
+    With ``lumir=True`` each ``disp_<fixed>_<moving>.nii.gz`` is also placed in ``out_dir`` itself
+    (the flat layout a LUMIR submission expects).
+
+    Args:
+        pairs: from :func:`read_pair_list`.
+        options: forwarded to :func:`eoir_cli.register.register` (``affine``, ``refine``, ``lumir``, ...).
+    """
+    from eoir_cli.backends import open_backend
+    from eoir_cli.register import lumir_id, register
+
+    out = Path(out_dir)
+    # Open the model once, and only when some pair is left to do; a model that cannot be opened
+    # fails the whole batch (one line), not every pair in turn.
+    todo = [not (out / p.label / DONE_MARKER).is_file() for p in pairs]
+    net = open_backend(model, backend, device, precision) if any(todo) else None
+    outcomes: list[PairOutcome] = []
+    for n, pair in enumerate(pairs):
+        pair_dir = out / pair.label
+        if not todo[n]:
+            try:
+                outcome = _outcome_from_metrics(pair.label, "skipped", json.loads((pair_dir / DONE_MARKER).read_text()))
+            except (json.JSONDecodeError, OSError):
+                outcome = PairOutcome(pair.label, "skipped")
+        else:
+            try:
+                result = register(pair.fixed.image, pair.moving.image, pair_dir, model=net,
+                                  moving_seg=pair.moving.seg, fixed_seg=pair.fixed.seg, **options)
+                if options.get("lumir"):
+                    lumir_name = f"disp_{lumir_id(pair.fixed.image)}_{lumir_id(pair.moving.image)}.nii.gz"
+                    copy_atomic(result.paths[lumir_name], out / lumir_name)
+                outcome = _outcome_from_metrics(pair.label, "done", result.metrics)
+            except (EoirError, ValueError, OSError, RuntimeError) as err:
+                text = str(err).strip()
+                outcome = PairOutcome(pair.label, "failed", error=text.splitlines()[0] if text else type(err).__name__)
+        outcomes.append(outcome)
+        if progress is not None:
+            progress(n + 1, len(pairs), outcome)
+    write_summary(out / "summary.csv", outcomes)
+    return outcomes
+
+
+def write_summary(path: Path, outcomes: Sequence[PairOutcome]) -> None:
+    """``summary.csv``: one row per pair (name, status, seconds, Dice before/after, NDV %, error)."""
+    from eoir_cli.fileio import write_text_atomic
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["name", "status", "seconds", "dice_before", "dice_after", "ndv_percent", "error"])
+    for o in outcomes:
+        writer.writerow([o.name, o.status, o.seconds, o.dice_before, o.dice_after, o.ndv_percent, o.error or ""])
+    write_text_atomic(path, buf.getvalue())

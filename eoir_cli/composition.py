@@ -1,0 +1,114 @@
+"""Native-grid composition: every stage of a registration as ONE map, sampled on the fixed image's own grid.
+
+Composition, for a fixed native voxel index ``i`` (all matrices 4×4, homogeneous):
+
+    p  = A_fixed · i                 fixed RAS mm
+    x  = N⁻¹ · p                     network-grid index
+    x' = x + u(x)                    u = network (+ refine) displacement, trilinear, border-extended
+    q  = T · N · x'                  moving RAS mm (T = affine pre-alignment, fixed mm -> moving mm)
+    j  = A_moving⁻¹ · q              moving native voxel index (continuous)
+
+``disp = j - i`` (voxels), ``warped = moving sampled at j`` (trilinear, zeros outside the moving
+volume), ``warp_itk`` = ``LPS(q) - LPS(p)`` in mm on the fixed grid. Outside the network grid
+``u`` takes the value at the nearest grid border, so the map stays continuous there. Index,
+``[-1, 1]`` and RAS/LPS arithmetic come from :mod:`eoir_cli.coords`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from eoir_cli.coords import apply_affine, identity_grid, index_grid, ras_to_lps, sample_at
+from eoir_cli.io import Volume
+from eoir_cli.preprocess import NetworkGrid
+
+
+@dataclass
+class NativeMaps:
+    """What :func:`compose_to_native` samples on the fixed native grid ``(D, H, W)``.
+
+    Attributes:
+        disp: ``(D, H, W, 3)`` float32 voxels, ``j - i``.
+        warp_itk: ``(D, H, W, 3)`` float32 LPS mm, ``LPS(q) - LPS(p)``.
+        warped: ``(D, H, W)`` float32 moving intensities (raw) at ``j``.
+        before: ``(D, H, W)`` float32 moving intensities in [0, 1] at scanner coordinates (no registration).
+        net_coords: ``(3, D, H, W)`` float32 displaced network-grid index ``x'`` (for the QC grid lines).
+        warped_seg: ``(D, H, W)`` int32 moving labels at ``j`` (nearest), or None.
+        before_seg: ``(D, H, W)`` int32 moving labels at scanner coordinates, or None.
+    """
+
+    disp: np.ndarray
+    warp_itk: np.ndarray
+    warped: np.ndarray
+    before: np.ndarray
+    net_coords: np.ndarray
+    warped_seg: np.ndarray | None
+    before_seg: np.ndarray | None
+
+
+def compose_to_native(
+    fixed: Volume, moving: Volume, grid: NetworkGrid, network_disp: np.ndarray, transform: np.ndarray,
+    moving01: np.ndarray, moving_seg: np.ndarray | None = None, slab: int = 16,
+) -> NativeMaps:
+    """Compose every stage into the fixed-native -> moving-native voxel map and sample the outputs.
+
+    Args:
+        fixed: the fixed volume (its grid is the output grid).
+        moving: the moving volume (raw intensities are warped).
+        grid: the network grid ``N``.
+        network_disp: ``(3, d, h, w)`` network (+ refine) displacement ``u``, network-grid voxels.
+        transform: ``(4, 4)`` affine pre-alignment ``T``, fixed RAS mm -> moving RAS mm.
+        moving01: moving intensities in [0, 1] (for the "before" picture).
+        moving_seg: moving label map (native grid) or None.
+        slab: planes of the fixed grid processed at once along axis 0 (bounds memory on large scans).
+    """
+    import torch
+
+    shape = fixed.shape
+    to_net = np.linalg.inv(grid.affine) @ fixed.affine
+    net_to_moving = np.linalg.inv(moving.affine) @ transform @ grid.affine
+    physical = np.linalg.inv(moving.affine) @ fixed.affine  # scanner coordinates, no registration
+    u = torch.from_numpy(np.ascontiguousarray(network_disp, np.float32))[None]
+    mov = torch.from_numpy(np.ascontiguousarray(moving.data, np.float32))[None, None]
+    mov01 = torch.from_numpy(np.ascontiguousarray(moving01, np.float32))[None, None]
+    seg = torch.from_numpy(moving_seg.astype(np.float32))[None, None] if moving_seg is not None else None
+    out = NativeMaps(
+        disp=np.empty(shape + (3,), np.float32), warp_itk=np.empty(shape + (3,), np.float32),
+        warped=np.empty(shape, np.float32), before=np.empty(shape, np.float32),
+        net_coords=np.empty((3,) + shape, np.float32),
+        warped_seg=np.empty(shape, np.int32) if seg is not None else None,
+        before_seg=np.empty(shape, np.int32) if seg is not None else None,
+    )
+    # float32 is ample: index error ~ 3e-5 voxels at 500 voxels from the origin.
+    for start in range(0, shape[0], slab):
+        stop = min(start + slab, shape[0])
+        idx = identity_grid((stop - start, shape[1], shape[2]))[0]
+        idx[0] += start
+        x = apply_affine(to_net, idx)
+        x = x + sample_at(u, x, "bilinear", "border")
+        j = apply_affine(net_to_moving, x)
+        p = apply_affine(fixed.affine, idx)
+        q = apply_affine(moving.affine, j)
+        out.disp[start:stop] = (j - idx).permute(1, 2, 3, 0).numpy()
+        out.warp_itk[start:stop] = ras_to_lps(q - p).permute(1, 2, 3, 0).numpy()
+        out.net_coords[:, start:stop] = x.numpy()
+        out.warped[start:stop] = sample_at(mov, j, "bilinear", "zeros")[0].numpy()
+        j0 = apply_affine(physical, idx)
+        out.before[start:stop] = sample_at(mov01, j0, "bilinear", "zeros")[0].numpy()
+        if seg is not None:
+            out.warped_seg[start:stop] = sample_at(seg, j, "nearest", "zeros")[0].round().int().numpy()
+            out.before_seg[start:stop] = sample_at(seg, j0, "nearest", "zeros")[0].round().int().numpy()
+    return out
+
+
+def total_network_field(network_disp: np.ndarray, grid: NetworkGrid, transform: np.ndarray) -> np.ndarray:
+    """The whole transform (affine + network) as a self-map of the network grid, ``(3, d, h, w)`` voxels.
+
+    The field on which NDV, % of ``|J| <= 0`` and SDlogJ of ``metrics.json["field"]`` are computed.
+    """
+    m = np.linalg.inv(grid.affine) @ transform @ grid.affine
+    ident = index_grid(grid.shape)
+    moved = apply_affine(m, ident + network_disp.astype(np.float32))
+    return (moved - ident).astype(np.float32)

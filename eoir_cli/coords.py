@@ -1,0 +1,157 @@
+"""Coordinates: the one place that says how voxel indices, ``[-1, 1]`` coordinates and mm relate.
+
+Convention (every other module imports these functions instead of writing the arithmetic again):
+    * A voxel index ``i`` along an array axis of length ``n`` is the voxel *centre*; indices are
+      continuous (``2.5`` is half-way between voxels 2 and 3).
+    * ``grid_sample`` coordinates (``align_corners=True``): index ``i`` of an axis of length ``n``
+      sits at ``2 i / (n - 1) - 1`` (``-1`` = first voxel centre, ``+1`` = last), and the last
+      dimension of a sampling grid lists the axes backwards, ``(x, y, z) = (W, H, D)``.
+    * A point set is ``(3, ...)``: channel ``c`` is the coordinate along array axis ``c``
+      (indices) or along R/A/S (mm), so a voxel-index field and its mm image share one layout.
+    * ``affine`` (4×4, nibabel's) maps a voxel index ``(i, j, k, 1)`` to RAS+ millimetres; its
+      column norms are the voxel spacing in mm.
+    * ITK/ANTs points are LPS: ``LPS = RAS * (-1, -1, 1)`` for points and vectors alike.
+    * The physical Jacobian of a map given as a voxel displacement ``disp`` (moving index minus
+      fixed index, ``(D, H, W, 3)``) is ``det(I + ∇disp) · det(A_moving) / det(A_fixed)``: 1 for
+      the identity even between grids of different voxel size or handedness.
+
+Tested with single-axis shifts (``tests/test_coords.py``), which fail if two axes are swapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
+
+
+def identity_grid(size: Sequence[int], device: Any = None, dtype: Any = None) -> Any:
+    """Voxel index of every voxel as a torch tensor ``(1, 3, *size)``; channel c = index along axis c.
+
+    Args:
+        size: ``(D, H, W)``.
+        device: torch device (default CPU).
+        dtype: torch dtype (default float32).
+    """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    axes = [torch.arange(s, device=device, dtype=dtype) for s in size]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij")).unsqueeze(0)
+
+
+def index_grid(shape: Sequence[int], dtype: Any = np.float32) -> np.ndarray:
+    """Voxel index of every voxel as a numpy array ``(3, *shape)`` (the numpy twin of :func:`identity_grid`)."""
+    return np.stack(np.meshgrid(*[np.arange(s, dtype=dtype) for s in shape], indexing="ij"))
+
+
+def index_to_normalized(index: Any, size: Sequence[int]) -> Any:
+    """``grid_sample`` grid ``(..., 3)`` in ``(x, y, z)`` order from indices ``(N, 3, ...)`` or ``(3, ...)``.
+
+    Args:
+        index: continuous voxel indices of the image grid, channel c along array axis c (dim 1 of
+            a batched ``(N, 3, ...)`` tensor, dim 0 of an unbatched ``(3, ...)`` one).
+        size: ``(D, H, W)`` of the image being sampled.
+
+    Returns:
+        The same points in ``[-1, 1]`` (align_corners=True), last dim ``(W, H, D)``.
+    """
+    import torch
+
+    batched = index.dim() == 5
+    # The original EOIR arithmetic, 2 * (p / (n - 1) - 0.5), so warps match it bit for bit.
+    norm = [2 * ((index[:, a] if batched else index[a]) / max(size[a] - 1, 1) - 0.5) for a in range(3)]
+    return torch.stack(norm[::-1], dim=-1)
+
+
+def normalized_to_index(grid: Any, size: Sequence[int]) -> Any:
+    """Inverse of :func:`index_to_normalized` for an unbatched grid ``(..., 3)``: indices ``(3, ...)``."""
+    import torch
+
+    return torch.stack([(grid[..., 2 - a] + 1) * (max(size[a] - 1, 1) / 2) for a in range(3)])
+
+
+def normalized_scale(size: Sequence[int], device: Any = None) -> Any:
+    """Per-grid-axis factor ``2 / (n - 1)`` in ``(x, y, z)`` order: a voxel displacement times it is a
+    ``grid_sample`` displacement (float32 torch tensor of 3 values)."""
+    import torch
+
+    return torch.tensor([2.0 / max(n - 1, 1) for n in tuple(size)[::-1]], dtype=torch.float32, device=device)
+
+
+def sample_at(volume: Any, index: Any, mode: str = "bilinear", padding: str = "zeros") -> Any:
+    """Sample ``volume`` ``(1, C, D, H, W)`` at continuous voxel indices ``(3, d, h, w)``.
+
+    Trilinear (``bilinear``) or ``nearest``; ``padding`` is ``"zeros"`` or ``"border"`` (outside
+    points take the nearest border value). Returns ``(C, d, h, w)`` in the volume's dtype.
+    """
+    import torch.nn.functional as F
+
+    grid = index_to_normalized(index, volume.shape[2:])[None].to(volume.dtype)
+    return F.grid_sample(volume, grid, mode=mode, padding_mode=padding, align_corners=True)[0]
+
+
+def apply_affine(matrix: np.ndarray, points: Any) -> Any:
+    """Apply a 4×4 affine to a point set ``(3, ...)`` (torch tensor, computed in its dtype; or numpy)."""
+    if isinstance(points, np.ndarray):
+        m = matrix.astype(points.dtype, copy=False)
+        return np.einsum("ij,j...->i...", m[:3, :3], points) + m[:3, 3].reshape(3, *([1] * (points.ndim - 1)))
+    import torch
+
+    m = torch.from_numpy(np.asarray(matrix)).to(points.dtype)
+    return torch.einsum("ij,j...->i...", m[:3, :3], points) + m[:3, 3].reshape(3, *([1] * (points.dim() - 1)))
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along array axes 0, 1, 2 (the column norms of the affine)."""
+    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0))  # type: ignore
+
+
+def ras_to_lps(vectors: Any) -> Any:
+    """RAS -> LPS (and back: the map is its own inverse) for points or vectors with xyz in the last axis,
+    or in axis 0 for torch ``(3, ...)`` point sets."""
+    if isinstance(vectors, np.ndarray):
+        return vectors * RAS_TO_LPS.astype(vectors.dtype, copy=False)
+    import torch
+
+    sign = torch.tensor(RAS_TO_LPS, dtype=vectors.dtype, device=vectors.device)
+    return vectors * sign.view(3, *([1] * (vectors.dim() - 1)))
+
+
+def jacobian_determinant(disp: Any) -> Any:
+    """Determinant of the Jacobian of ``x -> x + disp(x)`` by central differences (one-sided at the borders).
+
+    The determinant is unit-free: a voxel-unit field gives the same value as its mm version.
+
+    Args:
+        disp: ``(N, 3, D, H, W)`` torch displacement in voxels.
+
+    Returns:
+        ``(N, D, H, W)``; 1 for the identity, <= 0 where the map folds.
+    """
+    import torch
+
+    grads = torch.gradient(disp, dim=(2, 3, 4))  # grads[j][:, i] = d disp_i / d x_j
+    jac = torch.stack([torch.stack([grads[j][:, i] for j in range(3)], -1) for i in range(3)], -2)
+    jac = jac + torch.eye(3, dtype=disp.dtype, device=disp.device)
+    return torch.linalg.det(jac)
+
+
+def physical_jacobian(disp: np.ndarray, fixed_affine: np.ndarray, moving_affine: np.ndarray) -> np.ndarray:
+    """Jacobian determinant of the mm -> mm transform from a native voxel field ``(D, H, W, 3)``.
+
+    ``det(I + ∇disp)`` (central differences) times ``det(A_moving) / det(A_fixed)`` so that grids of
+    different voxel size or handedness (RAS vs LPS arrays) give 1 for the identity.
+
+    Returns:
+        ``(D, H, W)`` float32.
+    """
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(disp.transpose(3, 0, 1, 2)))[None]
+    det = jacobian_determinant(t)[0].numpy()
+    ratio = np.linalg.det(moving_affine[:3, :3]) / np.linalg.det(fixed_affine[:3, :3])
+    return (det * ratio).astype(np.float32)

@@ -1,0 +1,153 @@
+"""What a registration produces (:class:`RegistrationResult`) and writing it atomically.
+
+Outputs are staged in a hidden folder and moved in place when all succeeded.
+
+Every output of one pair is first written into ``<out>/.eoir-partial-XXXX/``; only when all of them
+exist are they renamed into ``<out>`` (same file system: each rename is atomic), ``metrics.json``
+last, so its presence marks a finished pair (what a resumed batch skips). On any error the staging
+folder is removed (and ``<out>`` too when this call created it and it is still empty).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eoir_cli.errors import EoirError
+from eoir_cli.io import Volume, save_volume
+from eoir_cli.preprocess import NetworkGrid
+
+OUTPUT_NAMES = ("warped.nii.gz", "disp.nii.gz", "warp_itk.nii.gz", "warped_seg.nii.gz", "jacobian.nii.gz",
+                "metrics.json", "qc.png")
+DONE_MARKER = "metrics.json"  # written last: its presence means the pair finished
+
+
+@dataclass
+class RegistrationResult:
+    """Everything one registration produced (arrays on the fixed image's native grid).
+
+    Attributes:
+        warped: ``(D, H, W)`` float32 moving image resampled onto the fixed grid.
+        disp: ``(D, H, W, 3)`` float32 voxels: moving voxel index sampled minus fixed voxel index.
+        warp_itk: ``(D, H, W, 3)`` float32 ITK displacement, LPS mm (see :mod:`eoir_cli.itk`).
+        jacobian: ``(D, H, W)`` float32 determinant of the physical (mm -> mm) transform's Jacobian.
+        warped_seg: ``(D, H, W)`` int32 warped moving labels (None without ``moving_seg``).
+        affine: ``(4, 4)`` the affine pre-alignment ``T`` (fixed RAS mm -> moving RAS mm).
+        network_disp: ``(3, d, h, w)`` float32 network (+ refine) displacement, network-grid voxels.
+        grid: the network grid.
+        metrics: what ``metrics.json`` holds.
+        paths: output name -> path (empty without ``out_dir``).
+    """
+
+    warped: np.ndarray
+    disp: np.ndarray
+    warp_itk: np.ndarray
+    jacobian: np.ndarray
+    warped_seg: np.ndarray | None
+    affine: np.ndarray
+    network_disp: np.ndarray
+    grid: NetworkGrid
+    metrics: dict[str, Any]
+    paths: dict[str, Path] = field(default_factory=dict)
+    qc_png: bytes | None = None
+
+
+@contextmanager
+def staging(out_dir: Path) -> Iterator[Path]:
+    """A hidden folder inside ``out_dir``; on error it is removed (and ``out_dir`` if we made it empty)."""
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".eoir-partial-", dir=out_dir))
+    try:
+        yield stage
+    except BaseException:
+        if created and out_dir.exists() and not any(p != stage for p in out_dir.iterdir()):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_outputs_are_not_inputs(out_dir: Path, inputs: Sequence[Volume | None], names: Sequence[str]) -> None:
+    """Refuse an output folder where an output name would replace one of the input files."""
+    targets = {(out_dir / n).resolve() for n in names}
+    for vol in inputs:
+        if vol is not None and vol.path is not None and vol.path.resolve() in targets:
+            raise EoirError(f"output folder {out_dir} would overwrite the input {vol.path}; choose another -o")
+
+
+def write_outputs(out_dir: Path, result: RegistrationResult, fixed: Volume, mseg: Volume | None,
+                  names: Sequence[str], lumir: bool, finish_metrics: Callable[[], None]) -> dict[str, Path]:
+    """Write every output of ``result`` on the fixed grid (see the module docstring for the order).
+
+    Args:
+        out_dir: destination folder.
+        result: what :func:`eoir_cli.register.register` computed.
+        fixed: the fixed volume (affine and header of every output).
+        mseg: the moving label map (its integer dtype is kept for ``warped_seg``), or None.
+        names: output file names (``OUTPUT_NAMES`` plus the LUMIR submission name with ``lumir``).
+        lumir: also write ``names[-1]`` (a copy of ``disp.nii.gz``, the LUMIR submission field).
+        finish_metrics: called just before ``metrics.json`` is written (to stamp total timings).
+
+    Returns:
+        Output name -> final path.
+    """
+    from eoir_cli.fileio import write_json_atomic
+    from eoir_cli.itk import save_itk_displacement
+
+    paths: dict[str, Path] = {}
+    with staging(out_dir) as stage:
+        hdr = fixed.header
+        save_volume(stage / "warped.nii.gz", result.warped, fixed.affine, hdr, np.float32)
+        save_volume(stage / "disp.nii.gz", result.disp, fixed.affine, hdr, np.float32)
+        save_itk_displacement(stage / "warp_itk.nii.gz", result.warp_itk, fixed.affine, hdr)
+        save_volume(stage / "jacobian.nii.gz", result.jacobian, fixed.affine, hdr, np.float32)
+        if result.warped_seg is not None and mseg is not None:
+            dtype = mseg.header.get_data_dtype() if mseg.header is not None else np.int32
+            dtype = dtype if np.dtype(dtype).kind in "iu" else np.int32
+            save_volume(stage / "warped_seg.nii.gz", result.warped_seg, fixed.affine, hdr, dtype)
+        if lumir:
+            shutil.copyfile(stage / "disp.nii.gz", stage / names[-1])
+        if result.qc_png is not None:
+            (stage / "qc.png").write_bytes(result.qc_png)
+        finish_metrics()
+        write_json_atomic(stage / DONE_MARKER, jsonable(result.metrics))
+        for name in names:
+            src = stage / name
+            if src.exists() and name != DONE_MARKER:
+                os.replace(src, out_dir / name)
+                paths[name] = out_dir / name
+        os.replace(stage / DONE_MARKER, out_dir / DONE_MARKER)  # last: marks the pair finished
+        paths[DONE_MARKER] = out_dir / DONE_MARKER
+    return paths
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` so that ``dst`` appears complete or not at all."""
+    from eoir_cli.fileio import atomic_path
+
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def jsonable(x: Any) -> Any:
+    """Plain JSON data: numpy scalars to Python, non-finite floats to None (JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x

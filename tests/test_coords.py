@@ -1,0 +1,106 @@
+"""The coordinate module: index <-> [-1, 1], affines, RAS <-> LPS, physical Jacobian, one network-on-a-pair path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eoir_cli.backends import open_backend
+from eoir_cli.config import resolve_config
+from eoir_cli.coords import (
+    apply_affine,
+    identity_grid,
+    index_grid,
+    index_to_normalized,
+    normalized_to_index,
+    physical_jacobian,
+    ras_to_lps,
+    sample_at,
+    voxel_spacing,
+)
+from eoir_cli.devices import resolve_device
+from eoir_cli.errors import EoirError
+from eoir_cli.inference import centred_padding, predict_disp, run_pair
+from eoir_cli.model import EOIR
+
+
+def test_identity_grids_agree_and_are_indexed_by_axis() -> None:
+    grid = identity_grid((2, 3, 4))[0]
+    assert grid.shape == (3, 2, 3, 4)
+    # channel c counts along array axis c only: grid[1][d, h, w] = h
+    assert grid[1, 1, 2, 3] == 2 and grid[0, 1, 2, 3] == 1 and grid[2, 1, 2, 3] == 3
+    np.testing.assert_array_equal(index_grid((2, 3, 4)), grid.numpy())
+
+
+def test_index_to_normalized_golden_and_axis_order() -> None:
+    # Size (5, 3, 2): index (4, 1, 0) is the last voxel along D (+1), the middle along H (0), the first along W (-1).
+    index = torch.tensor([4.0, 1.0, 0.0]).view(3, 1, 1, 1)
+    grid = index_to_normalized(index, (5, 3, 2))
+    assert grid.shape == (1, 1, 1, 3)
+    # grid_sample lists (x, y, z) = (W, H, D): a swapped axis would put +1 elsewhere.
+    torch.testing.assert_close(grid[0, 0, 0], torch.tensor([-1.0, 0.0, 1.0]))
+    torch.testing.assert_close(normalized_to_index(grid, (5, 3, 2))[:, 0, 0, 0], index[:, 0, 0, 0])
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_sample_at_reads_the_voxel_it_is_given(axis: int) -> None:
+    size = (4, 5, 6)
+    volume = (100 * identity_grid(size)[0, 0] + 10 * identity_grid(size)[0, 1] + identity_grid(size)[0, 2])[None, None]
+    index = identity_grid((1, 1, 1))[0].clone()
+    index[axis] += 1.5  # half-way between voxels 1 and 2 along one axis only
+    value = float(sample_at(volume, index)[0, 0, 0, 0])
+    assert value == pytest.approx((100.0, 10.0, 1.0)[axis] * 1.5, abs=1e-4)
+
+
+def test_apply_affine_torch_and_numpy_agree() -> None:
+    matrix = np.array([[0, 2.0, 0, 10], [1.0, 0, 0, -5], [0, 0, -3.0, 1], [0, 0, 0, 1]])
+    points = index_grid((2, 2, 2))
+    # point (i, j, k) -> (2j + 10, i - 5, -3k + 1)
+    out = apply_affine(matrix, points)
+    np.testing.assert_allclose(out[:, 1, 1, 1], [12.0, -4.0, -2.0])
+    np.testing.assert_allclose(apply_affine(matrix, torch.from_numpy(points)).numpy(), out, atol=1e-6)
+    assert voxel_spacing(matrix) == (1.0, 2.0, 3.0)
+
+
+def test_ras_to_lps_flips_x_and_y_only() -> None:
+    np.testing.assert_array_equal(ras_to_lps(np.array([1.0, 2.0, 3.0])), [-1.0, -2.0, 3.0])
+    t = ras_to_lps(torch.ones(3, 2, 2, 2))
+    assert t[0].eq(-1).all() and t[1].eq(-1).all() and t[2].eq(1).all()
+
+
+def test_physical_jacobian_is_one_for_identity_between_different_grids() -> None:
+    fixed = np.diag([1.0, 1.0, 1.0, 1.0])
+    moving = np.diag([-2.0, 2.0, 2.0, 1.0])  # 2 mm voxels, x axis flipped (an LPS-like array)
+    # The identity in mm from a 1 mm grid onto a 2 mm grid: moving index j = i / 2 along every axis (x flipped).
+    i = index_grid((6, 6, 6)).transpose(1, 2, 3, 0)
+    j = i * np.array([-0.5, 0.5, 0.5])
+    jac = physical_jacobian((j - i).astype(np.float32), fixed, moving)
+    np.testing.assert_allclose(jac, 1.0, atol=1e-5)
+
+
+def test_device_resolver() -> None:
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda")
+    with pytest.raises(EoirError, match="expected auto, cpu, cuda or cuda:N, got 'gpu'"):
+        resolve_device("gpu")
+
+
+def test_centred_padding_golden() -> None:
+    config = resolve_config("lumir", levels=3)  # sizes must divide by 4
+    # 10 -> 12 (pad 1 before, 1 after); 9 -> 12 (1 before, 2 after); 8 stays.
+    assert centred_padding((10, 9, 8), config) == ((12, 12, 8), (1, 1, 0))
+
+
+def test_run_pair_and_predict_disp_give_the_same_field_for_an_odd_size() -> None:
+    torch.manual_seed(0)
+    model = EOIR(resolve_config("lumir", channels=2, levels=3)).eval()
+    moving, fixed = torch.rand(1, 1, 10, 9, 8), torch.rand(1, 1, 10, 9, 8)
+    with torch.no_grad():
+        reference = predict_disp(model, moving, fixed)[0].numpy()
+        padded = model(*(torch.nn.functional.pad(x, (0, 0, 1, 2, 1, 1)) for x in (moving, fixed)))
+    np.testing.assert_allclose(reference, padded[0, :, 1:11, 1:10, :].numpy(), atol=1e-6)
+    net = open_backend(model, device="cpu")
+    disp = run_pair(net, moving[0, 0].numpy(), fixed[0, 0].numpy())
+    assert disp.shape == (3, 10, 9, 8)
+    np.testing.assert_allclose(disp, reference, atol=1e-5)
