@@ -31,9 +31,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from eoir_cli.coords import RAS_TO_LPS, apply_affine, index_grid, sample_at
 from eoir_cli.errors import EoirError
 from eoir_cli.io import Volume, load_volume
-from eoir_cli.itk import RAS_TO_LPS, load_itk_displacement
+from eoir_cli.itk import load_itk_displacement
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,9 @@ class Field:
     def map_grid(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(grid points, mapped points)`` in RAS mm for planes ``start:stop`` of axis 0, ``(3, n, H, W)`` float64."""
         stop = self.shape[0] if stop is None else stop
-        idx = np.stack(np.meshgrid(np.arange(start, stop), np.arange(self.shape[1]), np.arange(self.shape[2]),
-                                   indexing="ij")).astype(np.float64)
-        p = np.einsum("ij,j...->i...", self.affine[:3, :3], idx) + self.affine[:3, 3, None, None, None]
+        idx = index_grid((stop - start, self.shape[1], self.shape[2]), np.float64)
+        idx[0] += start
+        p = apply_affine(self.affine, idx)
         d = np.moveaxis(self.disp_lps[start:stop], -1, 0).astype(np.float64) * RAS_TO_LPS[:, None, None, None]
         return p, p + d
 
@@ -146,14 +147,10 @@ def _sample_image(image: Any, index: Any, interp: str) -> Any:
     pass per label; voxels beyond the image count as label 0.
     """
     import torch
-    import torch.nn.functional as F
 
     size = image.shape[2:]
     if interp != "label":
-        norm = [2 * index[a] / max(size[a] - 1, 1) - 1 for a in range(3)]
-        grid = torch.stack(norm[::-1], dim=-1)[None].to(image.dtype)
-        mode = "bilinear" if interp == "linear" else "nearest"
-        return F.grid_sample(image, grid, mode=mode, padding_mode="zeros", align_corners=True)[0, 0]
+        return sample_at(image, index, "bilinear" if interp == "linear" else "nearest", "zeros")[0]
     flat = image.reshape(-1)
     lo = [torch.floor(index[a]) for a in range(3)]
     frac = [index[a] - lo[a] for a in range(3)]
@@ -183,7 +180,7 @@ def check_overlap(field: Field, image: Volume, what: str, stride: int = 4) -> fl
     registration across spaces) is refused in a fraction of a second.
     """
     sub = field.disp_lps[::stride, ::stride, ::stride]
-    idx = np.stack(np.meshgrid(*[np.arange(0, s, stride) for s in field.shape], indexing="ij"), -1).astype(float)
+    idx = np.moveaxis(index_grid(sub.shape[:3], np.float64), 0, -1) * stride
     p = idx @ field.affine[:3, :3].T + field.affine[:3, 3]
     q = p + sub.astype(np.float64) * RAS_TO_LPS
     j = _to_index(image.affine, q.reshape(-1, 3))
@@ -236,7 +233,7 @@ def apply_to_image(
     for start in range(0, field.shape[0], slab):
         stop = min(start + slab, field.shape[0])
         _, q = field.map_grid(start, stop)
-        j = np.einsum("ij,j...->i...", to_index[:3, :3], q) + to_index[:3, 3, None, None, None]
+        j = apply_affine(to_index, q)
         # float64 up to here: the index is exact to ~1e-9 voxels, only the float32 field rounds.
         values = _sample_image(src, torch.from_numpy(j.astype(np.float32)), interp)
         out[start:stop] = values.numpy() if interp == "linear" else values.round().int().numpy()
@@ -328,13 +325,11 @@ def read_points(path: str | os.PathLike[str]) -> PointTable:
         raise EoirError(f"points {path}: empty file, expected a header such as R,A,S or L,P,S")
     header = [c.strip() for c in rows[0]]
     names = [c.lower() for c in header]
-    for key, space in POINT_HEADERS.items():
-        if all(k in names for k in key):
-            columns = tuple(names.index(k) for k in key)
-            break
-    else:
+    key = next((k for k in POINT_HEADERS if all(c in names for c in k)), None)
+    if key is None:
         raise EoirError(f"points {path}: expected coordinate columns R,A,S (RAS mm), L,P,S or x,y,z (LPS mm) "
                         f"or i,j,k (voxel indices) in the header, got {header}")
+    columns = tuple(names.index(c) for c in key)
     body = rows[1:]
     for n, r in enumerate(body, start=2):
         try:
@@ -342,7 +337,7 @@ def read_points(path: str | os.PathLike[str]) -> PointTable:
         except (ValueError, IndexError):
             raise EoirError(f"points {path}: line {n}: expected numbers in columns "
                             f"{', '.join(header[c] for c in columns)}, got {r}") from None
-    return PointTable(header, body, columns, space)  # type: ignore[arg-type]
+    return PointTable(header, body, columns, POINT_HEADERS[key])  # type: ignore[arg-type]
 
 
 def table_to_ras(table: PointTable, reference: np.ndarray | None) -> np.ndarray:
@@ -395,7 +390,8 @@ def apply_to_points(
     source_grid = target_grid = None
     if table.space == "index":
         if reference is not None:
-            source_grid = (reference if isinstance(reference, Volume) else load_volume(reference, what="reference")).affine
+            ref = reference if isinstance(reference, Volume) else load_volume(reference, what="reference")
+            source_grid = ref.affine
         else:
             side = transform.forward if inverse else transform.inverse
             source_grid = side.affine if side is not None else None

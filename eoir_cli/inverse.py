@@ -26,7 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from eoir_cli.spatial import compose, identity_grid, integrate, resize_disp
+from eoir_cli.coords import identity_grid, index_to_normalized, spatial_gradient
+from eoir_cli.spatial import compose, integrate, resize_disp
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,8 @@ def sample_border(field: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
     Positions are indices of ``field``'s grid (align_corners=True geometry); beyond the grid the
     nearest border value is used.
     """
-    size = field.shape[2:]
-    spatial = loc.shape[2:]
-    flat = loc.reshape(loc.shape[0], 3, -1)
-    norm = [2 * flat[:, a] / max(size[a] - 1, 1) - 1 for a in range(3)]
-    grid = torch.stack(norm[::-1], dim=-1)[:, None, None]  # (N, 1, 1, P, 3), (x, y, z) = (W, H, D)
-    out = F.grid_sample(field, grid.to(field.dtype), mode="bilinear", padding_mode="border", align_corners=True)
-    return out.reshape(field.shape[0], field.shape[1], *spatial)
+    grid = index_to_normalized(loc, field.shape[2:]).to(field.dtype)
+    return F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def inverse_residual(disp: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -97,8 +93,6 @@ def _newton(disp: torch.Tensor, start: torch.Tensor, iterations: int, tolerance:
     clipped to ``max_step`` voxels and fall back to the fixed-point step where the Jacobian is
     near singular.
     """
-    from eoir_cli.spatial import spatial_gradient
-
     n = disp.shape[0]
     grads = spatial_gradient(disp)  # grads[j][:, i] = d disp_i / d x_j
     jac = torch.stack([grads[j][:, i] for i in range(3) for j in range(3)], 1)  # row-major (i, j)
@@ -128,8 +122,6 @@ def _polish(disp: torch.Tensor, inverse: torch.Tensor, iterations: int, toleranc
     Newton's step at the cost of one 3-channel sample and a finite difference of ``w`` (no
     9-channel sample, no 3x3 solve): a third of :func:`_newton`'s time on a full-size grid.
     """
-    from eoir_cli.spatial import spatial_gradient
-
     ident = identity_grid(disp.shape[2:], disp.device, disp.dtype)
     residual = float("inf")
     for k in range(1, iterations + 1):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from eoir_cli.coords import identity_grid, index_to_normalized, normalized_scale
 from eoir_cli.coords import jacobian_determinant as jacobian_determinant  # re-exported: part of the spatial API
+from eoir_cli.coords import spatial_gradient as spatial_gradient  # re-exported: part of the spatial API
 
 Mode = Literal["bilinear", "nearest"]
 SamplerFn = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
@@ -220,31 +221,6 @@ def resize_disp(disp: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     out = resize(disp, size=tuple(size))
     ratio = [(m - 1) / (n - 1) if n > 1 else 1.0 for n, m in zip(old, size, strict=False)]
     return out * torch.tensor(ratio, dtype=disp.dtype, device=disp.device).view(1, 3, 1, 1, 1)
-
-
-def spatial_gradient(field: torch.Tensor) -> list[torch.Tensor]:
-    """Central differences (one-sided at the borders) along array axes 0, 1, 2 of ``(N, C, D, H, W)``.
-
-    The same numbers as ``torch.gradient(field, dim=(2, 3, 4))`` in half its time (slices written
-    in place instead of its general-spacing arithmetic: 0.35 s vs 0.71 s for a 3-channel
-    160×224×192 field on one CPU thread).
-    """
-    if field.requires_grad:  # out= below does not record autograd
-        return list(torch.gradient(field, dim=(2, 3, 4)))
-    out = []
-    for dim in (2, 3, 4):
-        n = field.shape[dim]
-        if n < 2:
-            raise ValueError(f"field: expected at least 2 voxels along dim {dim}, got shape {tuple(field.shape)}")
-        grad = torch.empty_like(field)
-        torch.sub(field.narrow(dim, 1, 1), field.narrow(dim, 0, 1), out=grad.narrow(dim, 0, 1))
-        torch.sub(field.narrow(dim, n - 1, 1), field.narrow(dim, n - 2, 1), out=grad.narrow(dim, n - 1, 1))
-        if n > 2:
-            inner = grad.narrow(dim, 1, n - 2)
-            torch.sub(field.narrow(dim, 2, n - 2), field.narrow(dim, 0, n - 2), out=inner)
-            inner.mul_(0.5)
-        out.append(grad)
-    return out
 
 
 def check_size(size: Sequence[int], multiple: Sequence[int], what: str = "input") -> None:

@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 
 from eoir_cli.apply import apply_to_image, apply_to_points, map_points, open_transform, read_points
 from eoir_cli.cli import app
+from eoir_cli.coords import RAS_TO_LPS
 from eoir_cli.errors import EoirError
-from eoir_cli.itk import RAS_TO_LPS, save_itk_affine, save_itk_displacement
 from eoir_cli.io import Volume
+from eoir_cli.itk import save_itk_affine, save_itk_displacement
 
 runner = CliRunner()
 SHEAR_MM, WAVELENGTH_MM = 3.0, 80.0

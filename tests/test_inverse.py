@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eoir_cli.config import ModelConfig
-from eoir_cli.inverse import invert_disp, invert_pyramid, invert_velocity, inverse_residual, sample_border
+from eoir_cli.inverse import inverse_residual, invert_disp, invert_pyramid, invert_velocity, sample_border
 from eoir_cli.model import EOIR
 from eoir_cli.spatial import identity_grid, integrate, jacobian_determinant, resize, spatial_gradient
 
