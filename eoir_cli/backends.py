@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from eoir_cli.config import PRESETS, ModelConfig
+from eoir_cli.deployment import Deployment, deployment_of
 from eoir_cli.errors import EoirError, GpuUnavailableError
 from eoir_cli.metadata import INPUT_NAMES, OUTPUT_NAME, normalization_of, parse_metadata
 
@@ -59,19 +60,23 @@ class Backend(ABC):
         input_shape: the only spatial size ``(D, H, W)`` it accepts, or None if any valid size works.
         config: the network architecture.
         metadata: what the file says about itself (always includes ``"normalization"``).
+        deployment: the facts the model is run by (spacing, grid, normalisation, domain), read from the
+            file (:func:`eoir_cli.deployment.deployment_of`).
         fallback_reason: why a requested accelerator is not used (None when nothing fell back).
     """
 
     name: str = "base"
 
     def __init__(self, path: str, device: str, precision: str, input_shape: tuple[int, int, int] | None,
-                 config: ModelConfig, metadata: dict[str, Any], fallback_reason: str | None = None) -> None:
+                 config: ModelConfig, metadata: dict[str, Any], fallback_reason: str | None = None,
+                 deployment: Deployment | None = None) -> None:
         self.path = path
         self.device = device
         self.precision = precision
         self.input_shape = input_shape
         self.config = config
         self.metadata = metadata
+        self.deployment = deployment if deployment is not None else deployment_of(metadata)
         self.fallback_reason = fallback_reason
 
     def __repr__(self) -> str:
@@ -82,7 +87,8 @@ class Backend(ABC):
         """Plain-data summary (for tables, JSON and logs)."""
         return {"backend": self.name, "path": self.path, "device": self.device, "precision": self.precision,
                 "input_shape": list(self.input_shape) if self.input_shape else None,
-                "config": self.config.to_dict(), "fallback_reason": self.fallback_reason}
+                "config": self.config.to_dict(), "deployment": self.deployment.to_dict(),
+                "fallback_reason": self.fallback_reason}
 
     def check_pair(self, moving: np.ndarray, fixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Validate and convert the inputs to contiguous float32 ``(D, H, W)`` arrays."""
@@ -186,7 +192,7 @@ class TorchBackend(Backend):
                   else "checkpoint")
         metadata = {"normalization": normalization_of(info), "sampler": sampler, "format": info.get("format"),
                     "source": source}
-        super().__init__(label, device, precision, None, model.config, metadata)
+        super().__init__(label, device, precision, None, model.config, metadata, deployment=deployment_of(info))
 
     def _run(self, moving: np.ndarray, fixed: np.ndarray) -> np.ndarray:
         import torch

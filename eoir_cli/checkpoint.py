@@ -201,6 +201,8 @@ def load_model(
     Args:
         path_or_preset: a ``.pt``/``.pth``/``.safetensors`` file (ours or the original EOIR
             code's), ``"default"`` for the bundled brain model, or a preset name (random weights).
+            The returned model's ``checkpoint_info`` holds what the file records, including its
+            deployment facts (``"deployment"``, see :mod:`eoir_cli.deployment`) when it has them.
         sampler: sampler every warp in the network uses (``"torch"`` or ``"gather"``).
         device: where to put the model.
         expect: refuse a checkpoint whose configuration differs from this one.
@@ -211,14 +213,20 @@ def load_model(
     """
     name = str(path_or_preset)
     info: dict[str, Any] = {}
+    bundled: dict[str, Any] = {}
     if name == "default" and not Path(name).exists():
-        from eoir_cli.weights import default_model_path
+        from eoir_cli.weights import default_model_path, provenance
 
         name = str(default_model_path())
+        bundled = {k: v for k, v in provenance().items() if k == "deployment"}
     if name in PRESETS and not Path(name).exists():
+        from eoir_cli.deployment import preset_deployment
+
         config, state = resolve_config(name, **overrides), None
+        info = {"format": "preset", "deployment": preset_deployment(name).to_dict()}
     else:
         config, state, info = read_checkpoint(name)
+        info = {**bundled, **info}  # the bundled file's facts live in its provenance record
         config = config.replace(**overrides)
     if expect is not None and config != expect:
         raise CheckpointError(f"{name}: checkpoint configuration {config.to_dict()} differs from the expected "

@@ -49,7 +49,8 @@ def _nanmean(values: list[float]) -> float:
 
 def evaluate(model_path: str, dataset: str, data_dir: str | Path, out: str | Path | None = None,
              save_disp: bool = False, device: str = "cpu", hd95: bool = True,
-             callback: Callable[[str, int, int], None] | None = None) -> EvalResult:
+             callback: Callable[[str, int, int], None] | None = None,
+             labels: list[int] | None = None) -> EvalResult:
     """Evaluate ``model_path`` on the labelled validation pairs of a dataset.
 
     Args:
@@ -62,13 +63,25 @@ def evaluate(model_path: str, dataset: str, data_dir: str | Path, out: str | Pat
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         hd95: compute HD95 (the slowest metric).
         callback: ``callback(stage, done, total)`` after each pair (progress display).
+        labels: label values scored (default: the manifest's ``labels_eval``, else the dataset's
+            label table, else every non-zero label in either map; :func:`eoir_cli.metrics.scored_labels`).
+
+    Intensities are normalised as the model file records (its deployment facts); for files that
+    record none (original EOIR checkpoints, older files) as the dataset's own convention.
 
     Raises:
         EoirError: bad dataset layout or files; a dataset with nothing to evaluate.
     """
     from eoir_cli.backends import open_backend
     from eoir_cli.data.datasets import load_pair, open_dataset
-    from eoir_cli.metrics import dice_per_label, field_metrics, hd95_per_label, landmarks_from_label_image, tre_mm
+    from eoir_cli.metrics import (
+        dice_per_label,
+        field_metrics,
+        hd95_per_label,
+        landmarks_from_label_image,
+        scored_labels,
+        tre_mm,
+    )
     from eoir_cli.spatial import warp
 
     if dataset == "synth":
@@ -81,24 +94,27 @@ def evaluate(model_path: str, dataset: str, data_dir: str | Path, out: str | Pat
     if save_disp and not layout.test_pairs:
         raise EoirError(f"--save-disp: the {dataset} manifest lists no test pairs")
     net = open_backend(model_path, device=device)
-    labels = list(layout.labels) if layout.labels else None
+    facts = net.deployment
+    norm = layout.normalization if facts.source == "assumed" else facts.normalization
+    wanted = labels if labels is not None else layout.scored_labels
     rows: list[dict[str, Any]] = []
     per_label: dict[int, list[float]] = {}
     for i, pair in enumerate(layout.val_pairs):
         t0 = time.perf_counter()
-        sample = load_pair(pair, layout.normalization, True, affines=True)
+        sample = load_pair(pair, norm, True, affines=True)
         disp = torch.from_numpy(_predict(net, sample))[None]
         warped = warp(sample["moving_labels"][None, None].float(), disp, mode="nearest")[0, 0]
         warped_np = warped.long().numpy()
         fixed_lab, moving_lab = sample["fixed_labels"].numpy(), sample["moving_labels"].numpy()
-        dice = dice_per_label(warped_np, fixed_lab, labels)
-        before = dice_per_label(moving_lab, fixed_lab, labels)
+        labels_i = scored_labels(fixed_lab, moving_lab, wanted)
+        dice = dice_per_label(warped_np, fixed_lab, labels_i)
+        before = dice_per_label(moving_lab, fixed_lab, labels_i)
         disp_np = disp[0].cpu().numpy().astype(np.float64)
         spacing = voxel_spacing(sample["fixed_affine"].numpy())
         row: dict[str, Any] = {"fixed": pair.fixed.id, "moving": pair.moving.id,
                                "dice": _nanmean(list(dice.values())), "dice_before": _nanmean(list(before.values()))}
         if hd95:
-            row["hd95_mm"] = _nanmean(list(hd95_per_label(warped_np, fixed_lab, labels, spacing).values()))
+            row["hd95_mm"] = _nanmean(list(hd95_per_label(warped_np, fixed_lab, labels_i, spacing).values()))
         row.update(field_metrics(disp_np))
         lm_f, lm_m = _landmarks(pair.fixed.image), _landmarks(pair.moving.image)
         if lm_f is not None and lm_m is not None:
@@ -142,7 +158,7 @@ def evaluate(model_path: str, dataset: str, data_dir: str | Path, out: str | Pat
             files["pairs.csv"] = write_text_atomic(out / "pairs.csv", buf.getvalue())
             files["summary.json"] = write_json_atomic(out / "summary.json", summary)
         if save_disp:
-            files["submission"] = write_submission(net, layout, out / "submission", callback)
+            files["submission"] = write_submission(net, layout, out / "submission", callback, norm)
     elif save_disp:
         raise EoirError("--save-disp: expected --out for the submission files, got none")
     return EvalResult(rows, summary, files)
@@ -162,18 +178,19 @@ def _predict(net: Any, sample: dict[str, Any]) -> np.ndarray:
 
 
 def write_submission(net: Any, layout: Any, folder: Path,
-                     callback: Callable[[str, int, int], None] | None = None) -> Path:
+                     callback: Callable[[str, int, int], None] | None = None, normalization: Any = None) -> Path:
     """Write ``disp_<fixed id>_<moving id>.nii.gz`` (float32 ``(D, H, W, 3)``, voxels) per test pair.
 
     Args:
         net: an opened backend (:func:`eoir_cli.backends.open_backend`).
+        normalization: intensity spec (default: the dataset's own).
     """
     from eoir_cli.data.datasets import load_pair
     from eoir_cli.io import save_volume
 
     _refuse_inside(folder, layout.root)
     for i, pair in enumerate(layout.test_pairs):
-        sample = load_pair(pair, layout.normalization, False, affines=True)
+        sample = load_pair(pair, normalization or layout.normalization, False, affines=True)
         field_np = np.ascontiguousarray(_predict(net, sample).transpose(1, 2, 3, 0))
         save_volume(folder / f"disp_{pair.fixed.id}_{pair.moving.id}.nii.gz", field_np,
                     sample["fixed_affine"].numpy(), dtype=np.float32, intent="vector")

@@ -40,6 +40,18 @@ def _check_labels(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.
     return pred, target
 
 
+def scored_labels(fixed_seg: np.ndarray, moving_seg: np.ndarray, labels: Iterable[int] | None = None) -> list[int]:
+    """The label set a registration is scored on (the one rule of ``register``, batches, ``test`` and ``demo``).
+
+    ``labels`` when given (``--labels``, or the manifest's ``labels_eval`` that the caller passes in),
+    else every non-zero value present in the fixed or the moving label map.
+    """
+    if labels is not None:
+        return [int(v) for v in labels]
+    values = np.union1d(np.unique(fixed_seg), np.unique(moving_seg))
+    return [int(v) for v in values if v != 0]
+
+
 def _label_list(pred: np.ndarray, target: np.ndarray, labels: Iterable[int] | None) -> list[int]:
     if labels is not None:
         return [int(v) for v in labels]

@@ -1,4 +1,4 @@
-"""From native scans to the network grid: orientation, spacing, crop/pad and intensities.
+"""From native scans to the network grid: orientation, spacing, crop/pad (intensities: :mod:`eoir_cli.deployment`).
 
 Geometry convention: every grid is described by a 4×4 ``affine`` mapping a voxel index
 ``(i, j, k, 1)`` to RAS+ millimetres (nibabel's). The *network grid* is the fixed image's closest
@@ -60,33 +60,6 @@ def canonical_affine(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarr
     return affine @ to_canonical, tuple(shape_c)  # type: ignore[return-value]
 
 
-def normalize_intensity(
-    data: np.ndarray,
-    percentiles: tuple[float, float] = (0.5, 99.5),
-    window: tuple[float, float] | None = None,
-) -> np.ndarray:
-    """Map intensities to [0, 1]: robust percentiles (MR) or a fixed window (CT, in HU).
-
-    Args:
-        data: ``(D, H, W)`` raw intensities.
-        percentiles: low/high percentiles mapped to 0/1 (clipped outside) when ``window`` is None.
-        window: ``(low, high)`` raw values mapped to 0/1, e.g. ``(-500, 800)`` HU for abdomen CT.
-
-    Returns:
-        float32 ``(D, H, W)`` in [0, 1].
-    """
-    if window is not None:
-        lo, hi = float(window[0]), float(window[1])
-        if not hi > lo:
-            raise ValueError(f"window: expected low < high, got {window}")
-    else:
-        lo, hi = (float(v) for v in np.percentile(data, percentiles))
-        if hi <= lo:  # mostly-constant images (a small object on a flat background)
-            lo, hi = float(data.min()), float(data.max())
-    out = (data.astype(np.float32) - lo) / max(hi - lo, 1e-12)
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
 def foreground_bbox(data01: np.ndarray, threshold: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Inclusive voxel bounding box ``(lo, hi)`` of ``data01 > threshold`` (the whole array if empty)."""
     mask = data01 > threshold
@@ -101,6 +74,22 @@ def foreground_bbox(data01: np.ndarray, threshold: float = 0.05) -> tuple[np.nda
     return np.array(lo, dtype=float), np.array(hi, dtype=float)
 
 
+def foreground_outside_grid(grid: NetworkGrid, fixed_affine: np.ndarray,
+                            fixed01: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(foreground extent mm, grid extent mm)`` along the grid axes when the fixed foreground
+    (:func:`foreground_bbox`) reaches outside the network grid, else None (the grid covers it)."""
+    lo, hi = foreground_bbox(fixed01)
+    corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    idx = (np.linalg.inv(grid.affine) @ fixed_affine @ corners.T)[:3]
+    first, last = idx.min(axis=1), idx.max(axis=1)
+    tol = 0.5 + 1e-3  # half a voxel: the foreground's outer voxel centres may sit on the grid's border
+    if np.all(first >= -tol) and np.all(last <= np.array(grid.shape) - 1 + tol):
+        return None
+    spacing = np.array(grid.spacing)
+    return (tuple(float(v) for v in np.round((last - first + 1) * spacing, 1)),
+            tuple(float(v) for v in np.round(np.array(grid.shape) * spacing, 1)))
+
+
 def round_up(n: float, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is >= n (and >= multiple)."""
     return max(multiple, int(math.ceil(n / multiple - 1e-9)) * multiple)
@@ -110,7 +99,7 @@ def plan_grid(
     fixed_affine: np.ndarray,
     fixed_shape: Sequence[int],
     fixed01: np.ndarray,
-    spacing: float | Sequence[float],
+    spacing: float | Sequence[float] | None,
     shape: Sequence[int] | None = None,
     multiple: Sequence[int] = (16, 16, 16),
     margin_mm: float = 8.0,
@@ -126,7 +115,8 @@ def plan_grid(
         fixed_affine: ``(4, 4)`` fixed native index -> RAS mm.
         fixed_shape: fixed native ``(D, H, W)``.
         fixed01: fixed intensities in [0, 1] (native order), for the foreground box.
-        spacing: model voxel size in mm (one value or one per canonical axis).
+        spacing: model voxel size in mm (one value or one per canonical axis; None = the fixed
+            image's own voxel size).
         shape: the network's input size (``None``: fit the foreground + ``margin_mm`` and round up
             to ``multiple``).
         multiple: per-axis size multiple when ``shape`` is None.
@@ -134,7 +124,7 @@ def plan_grid(
     """
     aff_c, shape_c = canonical_affine(fixed_affine, fixed_shape)
     spacing_c = np.linalg.norm(aff_c[:3, :3], axis=0)
-    target = np.broadcast_to(np.asarray(spacing, dtype=float), (3,)).copy()
+    target = spacing_c.copy() if spacing is None else np.broadcast_to(np.asarray(spacing, dtype=float), (3,)).copy()
     ratio = target / spacing_c  # canonical voxels per network voxel
     lo, hi = foreground_bbox(fixed01)
     # Foreground box corners -> canonical index space (a permutation/flip of native indices).

@@ -25,40 +25,61 @@ from typing import Any
 import numpy as np
 
 from eoir_cli.config import LUMIR_SHAPE, PIPELINE
+from eoir_cli.deployment import Deployment, Normalization, assumed_deployment, normalize
 from eoir_cli.errors import EoirError
 from eoir_cli.io import Volume, check_same_grid, load_volume
 from eoir_cli.outputs import OUTPUT_NAMES, RegistrationResult, check_outputs_are_not_inputs, write_outputs
 from eoir_cli.preprocess import (
     NetworkGrid,
     antialias_sigma,
-    normalize_intensity,
+    foreground_outside_grid,
     plan_grid,
     resample_affine,
 )
 
 log = logging.getLogger(__name__)
 
-BRAIN_MODELS = ("default", "lumir", "oasis")  # run on the LUMIR grid unless told otherwise
-PRESET_SPACING = {"abdomen": 2.0}
+
+
+class DomainMismatch(EoirError):
+    """The images are not of the kind the model was trained on (e.g. CT given to a brain MRI model)."""
 
 
 def _model_name(model: Any) -> str:
     return model if isinstance(model, str) else Path(model).name if isinstance(model, os.PathLike) else "module"
 
 
-def _grid_request(backend: Any, model: Any, spacing: float | Sequence[float] | None,
-                  shape: Sequence[int] | None) -> tuple[Any, tuple[int, ...] | None, tuple[int, int, int]]:
-    """Spacing (mm), shape (or None = fit) and size multiple of the network grid."""
+def _grid_request(backend: Any, facts: Deployment, spacing: float | Sequence[float] | None,
+                  shape: Sequence[int] | None,
+                  fit_grid: bool) -> tuple[Any, tuple[int, ...] | None, tuple[int, int, int]]:
+    """Spacing (mm; None = the fixed image's), shape (None = fit) and size multiple of the network grid.
+
+    Read from the model's deployment facts; ``spacing``/``shape`` override them, ``fit_grid`` fits
+    the grid to the image instead of the trained grid (a file exported for one shape keeps it).
+    """
     config = backend.config
-    meta = getattr(backend, "metadata", {}) or {}
-    name = _model_name(model)
     if shape is None:
-        shape = backend.input_shape or (LUMIR_SHAPE if name in BRAIN_MODELS else None)
+        shape = backend.input_shape or (None if fit_grid else facts.grid)
     if spacing is None:
-        spacing = meta.get("spacing") or PRESET_SPACING.get(name, 1.0)
+        spacing = facts.spacing
     scale = config.input_scale
     multiple = tuple(int(math.ceil(m / scale)) for m in config.size_multiple())
     return spacing, (tuple(int(s) for s in shape) if shape is not None else None), multiple  # type: ignore[return-value]
+
+
+def _check_domain(facts: Deployment, volumes: Sequence[Volume]) -> None:
+    """Refuse images of another modality than the model's (a CT given to an MRI model and vice versa)."""
+    from eoir_cli.deployment import image_modality
+
+    expected = facts.modality
+    if expected is None:
+        return
+    for vol in volumes:
+        seen = image_modality(vol.data)
+        if seen is not None and seen != expected:
+            what = (f"looks like CT (values down to {float(np.min(vol.data)):.0f}, Hounsfield units)"
+                    if seen == "CT" else "has no negative intensities (not CT in Hounsfield units)")
+            raise DomainMismatch(f"the model was trained on {facts.domain}, but {vol.name} {what}")
 
 
 def _as_volume(x: Volume | str | os.PathLike[str] | None, kind: str, what: str) -> Volume | None:
@@ -71,9 +92,7 @@ def _seg_metrics(before: np.ndarray, after: np.ndarray, fixed_seg: np.ndarray, m
                  spacing: Sequence[float], hd95: bool, labels: Sequence[int] | None = None) -> dict[str, Any]:
     from eoir_cli import metrics
 
-    if labels is None:
-        labels = sorted((set(np.unique(fixed_seg).tolist()) | set(np.unique(moving_seg).tolist())) - {0})
-    labels = [int(v) for v in labels]
+    labels = metrics.scored_labels(fixed_seg, moving_seg, labels)
     out: dict[str, Any] = {"labels": labels}
     for tag, pred in (("before", before), ("after", after)):
         dice = metrics.dice_per_label(pred, fixed_seg, labels)
@@ -124,6 +143,9 @@ def register(
     spacing: float | Sequence[float] | None = None,
     shape: Sequence[int] | None = None,
     window: tuple[float, float] | None = None,
+    normalization: Normalization | str | None = None,
+    fit_grid: bool = False,
+    allow_mismatch: bool = False,
     refine_weight: float = PIPELINE.refine_weight,
     refine_lr: float = PIPELINE.refine_lr,
     refine_scale: float | None = None,
@@ -152,16 +174,24 @@ def register(
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` for PyTorch models.
         lumir: the inputs are on the LUMIR grid (160×224×192, 1 mm); the network runs on the fixed
             grid as is and ``disp_<fixed id>_<moving id>.nii.gz`` is written too.
-        spacing: network voxel size in mm (default: the model's, 1 mm for brain models).
-        shape: network input size (default: the model's, else the fixed foreground rounded up).
-        window: ``(low, high)`` intensity window (CT in HU) instead of 0.5/99.5 percentiles.
+        spacing: network voxel size in mm (default: the model's, from its deployment facts).
+        shape: network input size (default: the model's trained grid, else the fixed foreground
+            rounded up to a size the network takes).
+        window: ``(low, high)`` intensity window (CT in HU) instead of the model's normalisation.
+        normalization: intensity normalisation (a :class:`~eoir_cli.deployment.Normalization` or an
+            alias) instead of the model's.
+        fit_grid: size the network grid to the fixed image instead of the model's trained grid
+            (when the trained grid does not cover the field of view).
+        allow_mismatch: run even when the images are not of the model's domain (e.g. CT given to a
+            brain MRI model), which is otherwise refused.
         refine_weight: smoothness weight of the refinement.
         refine_lr: Adam learning rate of the refinement (voxels per step).
         refine_scale: refinement grid / network grid (None: 1 up to 2 M voxels, else 1/2).
         refine_window: local NCC window of the refinement (voxels of its grid).
         refine_int_steps: scaling-and-squaring steps of the refinement.
         hd95: compute HD95 (slower) when both label maps are given.
-        labels: label values scored by Dice/HD95 (default: every non-zero label in either map).
+        labels: label values scored by Dice/HD95 (default: every non-zero label in either map;
+            see :func:`eoir_cli.metrics.scored_labels`).
         qc: draw ``qc.png``.
 
     Returns:
@@ -201,18 +231,32 @@ def register(
         from eoir_cli.backends import open_backend
 
         net = open_backend(model, backend, device, precision)
-    req_spacing, req_shape, multiple = _grid_request(net, model, spacing, shape)
+    facts: Deployment = getattr(net, "deployment", None) or assumed_deployment(None)
+    if not allow_mismatch:
+        _check_domain(facts, [fixed_v, moving_v])
+    norm = (Normalization.window_of(*window) if window is not None
+            else Normalization.parse(normalization) if normalization is not None else facts.normalization)
+    req_spacing, req_shape, multiple = _grid_request(net, facts, spacing, shape, fit_grid)
     if lumir and net.input_shape is not None and tuple(net.input_shape) != LUMIR_SHAPE:
         raise EoirError(f"model {_model_name(model)} was built for input shape {tuple(net.input_shape)}, "
                         f"but --lumir inputs are {LUMIR_SHAPE}; export it for that shape or drop --lumir")
 
     with timer("preprocess"):
-        fixed01 = normalize_intensity(fixed_v.data, window=window)
-        moving01 = normalize_intensity(moving_v.data, window=window)
+        fixed01 = normalize(fixed_v.data, norm)
+        moving01 = normalize(moving_v.data, norm)
+        warnings: list[str] = []
         if lumir:
             grid = NetworkGrid(shape=fixed_v.shape, affine=fixed_v.affine.copy())
         else:
             grid = plan_grid(fixed_v.affine, fixed_v.shape, fixed01, req_spacing, req_shape, multiple)
+            outside = foreground_outside_grid(grid, fixed_v.affine, fixed01)
+            if outside is not None:
+                warnings.append(
+                    f"the network grid ({'×'.join(f'{v:g}' for v in outside[1])} mm) does not cover the fixed "
+                    f"image's foreground ({'×'.join(f'{v:g}' for v in outside[0])} mm along the grid axes): outside "
+                    "the grid the deformation is extended from its border; fit_grid=True (--fit-grid) sizes the "
+                    "grid to the image")
+                log.warning("%s", warnings[-1])
         from eoir_cli.spatial import check_size
 
         if net.input_shape is None:
@@ -265,9 +309,7 @@ def register(
         with timer("qc"):
             from eoir_cli.qc import render_qc
 
-            warped01 = normalize_intensity(native.warped, window=window) if window else np.clip(
-                (native.warped - float(np.percentile(moving_v.data, 0.5)))
-                / max(float(np.percentile(moving_v.data, 99.5) - np.percentile(moving_v.data, 0.5)), 1e-12), 0, 1)
+            warped01 = normalize(native.warped, norm, reference=moving_v.data)  # the moving image's contrast
             png = render_qc(fixed01, native.before, warped01, native.net_coords, jacobian, fixed_v.affine)
 
     result_metrics: dict[str, Any] = {
@@ -279,11 +321,15 @@ def register(
         "precision": getattr(net, "precision", precision),
         "network_grid": {"shape": list(grid.shape), "spacing_mm": [round(s, 6) for s in grid.spacing],
                          "affine": np.round(grid.affine, 6).tolist()},
+        "deployment": {**facts.to_dict(), "source": facts.source, "normalization_used": norm.to_dict()},
+        "warnings": warnings,
         "affine_ras": np.round(transform, 8).tolist(),
         "refine_steps": int(refine),
-        "field": field_stats,
+        "field": {**field_stats, "grid": "network grid: the whole transform (affine + network + refine) as a "
+                                         "self-map of the network grid, interior voxels"},
         "jacobian_native": {"min": float(jacobian.min()), "max": float(jacobian.max()),
-                            "nonpositive_percent": float((jacobian <= 0).mean() * 100)},
+                            "nonpositive_percent": float((jacobian <= 0).mean() * 100),
+                            "grid": "fixed image's native grid: the physical (mm -> mm) Jacobian of jacobian.nii.gz"},
     }
     if seg_stats is not None:
         result_metrics["segmentation"] = seg_stats

@@ -12,6 +12,9 @@ uses samples ``(s * world_size + rank) * batch_size + b``, so a run resumed from
 (weights, optimizer, scheduler, AMP scaler, step, RNG states) reproduces the uninterrupted run's
 losses exactly, without any data-loader state.
 
+Every checkpoint records the run's deployment facts (:mod:`eoir_cli.deployment`: spacing, grid,
+intensity normalisation spec, domain) so the model is later run the way it was trained.
+
 Outputs in ``out``: ``config.json`` (resolved config, written at start), ``metrics.csv``,
 ``last.pt`` (every ``save_every`` steps), ``best.pt`` (best validation Dice, or NCC without
 labels), ``model.safetensors`` (final weights only) and TensorBoard events when installed.
@@ -40,12 +43,12 @@ import torch
 from torch import nn
 
 from eoir_cli.config import TrainConfig
+from eoir_cli.deployment import Deployment, training_deployment
 from eoir_cli.errors import EoirError
 from eoir_cli.fileio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-NORMALIZATION = "intensities scaled to [0, 1] (LUMIR/brain: /255; CT: HU clipped to [-500, 800])"
 
 
 # Fields a resumed run may change; everything else must match the stored run.
@@ -364,6 +367,8 @@ def _train(config: TrainConfig, callback: Callable[[StepInfo], None] | None, dev
         scheduler.lr_lambdas[0] = poly_lr_lambda(steps_total)
         log.info("resumed %s at step %d", config.resume, start_step)
 
+    # What the checkpoints tell `eoir register` / `eoir export` about running this model.
+    facts = training_deployment(config.dataset, shape if config.dataset == "synth" else config.shape)
     metric_name = "dice" if any(bool(p.get("has_labels", False)) and "moving_labels" in p for p in data.val) \
         else "ncc"
     if rank == 0:
@@ -373,7 +378,7 @@ def _train(config: TrainConfig, callback: Callable[[StepInfo], None] | None, dev
             "world_size": world, "dataset": {"name": config.dataset, "shape": list(shape) if shape else None,
                                              "num_classes": data.num_classes, "epoch_length": data.epoch_length,
                                              "val_pairs": len(data.val)},
-            "normalization": NORMALIZATION,
+            "normalization": facts.normalization.describe(), "deployment": facts.to_dict(),
         })
     writer = _tensorboard(out) if rank == 0 else None
 
@@ -393,7 +398,7 @@ def _train(config: TrainConfig, callback: Callable[[StepInfo], None] | None, dev
 
     def save(name: str, step: int) -> None:
         files[name] = _save_training_checkpoint(out / name, model, optimizer, scheduler, scaler, step, best,
-                                                config, elapsed0 + time.perf_counter() - t0)
+                                                config, elapsed0 + time.perf_counter() - t0, facts)
 
     windows = config.loss_windows()
     step = start_step
@@ -451,7 +456,8 @@ def _train(config: TrainConfig, callback: Callable[[StepInfo], None] | None, dev
         from eoir_cli.checkpoint import save_checkpoint
 
         files["model.safetensors"] = save_checkpoint(out / "model.safetensors", model, extra={
-            "normalization": NORMALIZATION, "train_step": step, "dataset": config.dataset,
+            "normalization": facts.normalization.describe(), "deployment": facts.to_dict(),
+            "train_step": step, "dataset": config.dataset,
             "best_metric": best, "metric": metric_name})
         files["metrics.csv"] = out / "metrics.csv"
         files["config.json"] = out / "config.json"
@@ -462,7 +468,7 @@ def _train(config: TrainConfig, callback: Callable[[StepInfo], None] | None, dev
 
 def _save_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                               scaler: Any, step: int, best: float | None, config: TrainConfig,
-                              elapsed: float) -> Path:
+                              elapsed: float, facts: Deployment) -> Path:
     from eoir_cli.checkpoint import save_checkpoint
 
     return save_checkpoint(path, model, extra={  # type: ignore[arg-type]
@@ -474,7 +480,8 @@ def _save_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.opt
         "elapsed_s": elapsed,
         "rng": rng_state(),
         "train_config": config.to_dict(),
-        "normalization": NORMALIZATION,
+        "normalization": facts.normalization.describe(),
+        "deployment": facts.to_dict(),
     })
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from eoir_cli.bench import smooth_pair
 from eoir_cli.config import LUMIR_SHAPE
+from eoir_cli.deployment import deployment_of, normalize
 from eoir_cli.errors import EoirError
 from eoir_cli.metadata import INPUT_NAMES, OUTPUT_NAME, build_metadata, normalization_of
 
@@ -315,7 +316,8 @@ def torch2onnx(
         raise ExportError(f"output: expected a .onnx path, got {output.name!r}")
     net = _load(model)
     shape = _check_shape(net, shape)
-    normalization = normalization_of(getattr(net, "checkpoint_info", {}))
+    info = getattr(net, "checkpoint_info", {})
+    normalization, deployment = normalization_of(info), deployment_of(info)
     dtype = torch.float16 if fp16 else torch.float32
     net = net.to(dtype)
     example = torch.rand(1, 1, *shape, dtype=dtype)
@@ -344,7 +346,7 @@ def torch2onnx(
             raise ExportError(f"ONNX export failed ({type(err).__name__}: {first})") from err
     proto = clean_graph(program.model)
     metadata = build_metadata(net.config, None if dynamic else shape, sampler, opset, "fp16" if fp16 else "fp32",
-                              normalization, example_shape=list(shape))
+                              normalization, deployment, example_shape=list(shape))
     del proto.metadata_props[:]
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
@@ -428,9 +430,13 @@ def op_histogram(proto: Any) -> dict[str, int]:
 
 
 def pair_from_files(
-    moving: str | os.PathLike[str], fixed: str | os.PathLike[str], shape: Sequence[int]
+    moving: str | os.PathLike[str], fixed: str | os.PathLike[str], shape: Sequence[int],
+    normalization: Any = "percentile",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A real verification pair: two NIfTI images, percentile-normalised to [0, 1], resampled to ``shape``.
+    """A real verification pair: two NIfTI images normalised to [0, 1], resampled to ``shape``.
+
+    ``normalization`` is the model's spec (:func:`eoir_cli.deployment.normalize`; ``eoir export``
+    passes the checkpoint's own), so the pair is what the model sees at run time.
 
     Resampling is trilinear with align_corners=True geometry (array corners kept); the pair only has to be
     realistic for the comparison, not anatomically registered.
@@ -438,12 +444,11 @@ def pair_from_files(
     import torch
 
     from eoir_cli.io import load_volume
-    from eoir_cli.preprocess import normalize_intensity
     from eoir_cli.spatial import resize
 
     out = []
     for path in (moving, fixed):
-        data = normalize_intensity(load_volume(path).data)
+        data = normalize(load_volume(path).data, normalization)
         if tuple(data.shape) != tuple(shape):
             data = resize(torch.from_numpy(data)[None, None], size=tuple(shape))[0, 0].numpy()
         out.append(np.ascontiguousarray(data, dtype=np.float32))

@@ -124,3 +124,11 @@ def test_few_step_training_on_fake_lumir(tmp_path: Path) -> None:
     assert rows[0]["dice"] == "0.0"  # LUMIR training images carry no labels: no Dice term
     ev = evaluate(str(out / "model.safetensors"), "lumir", root, None, hd95=False)
     assert len(ev.rows) == 2
+    # every checkpoint says how to run the model: LUMIR trains on uint8 brains divided by 255
+    from eoir_cli.checkpoint import load_model
+    from eoir_cli.deployment import Normalization, deployment_of
+
+    for name in ("model.safetensors", "best.pt", "last.pt"):
+        facts = deployment_of(load_model(out / name).checkpoint_info)
+        assert facts.source == "model file" and facts.domain == "brain MRI"
+        assert facts.normalization == Normalization("divide", None, 255.0) and facts.spacing == (1.0, 1.0, 1.0)

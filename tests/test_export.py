@@ -9,7 +9,8 @@ from conftest_export import CHANNELS, PARITY_TOL, SHAPE, exported, random_pair, 
 from typer.testing import CliRunner
 
 from eoir_cli.cli import app
-from eoir_cli.metadata import DEFAULT_NORMALIZATION, parse_metadata
+from eoir_cli.deployment import preset_deployment
+from eoir_cli.metadata import parse_metadata
 from export.onnx_export import ExportError, torch2onnx
 from export.trt_support import check_trt_support
 
@@ -80,11 +81,12 @@ def test_metadata_round_trip():
     assert meta["config"].channels == CHANNELS
     assert meta["input_shape"] == SHAPE and meta["dynamic"] is False
     assert meta["sampler"] == "gather" and meta["opset"] == 18 and meta["precision"] == "fp32"
-    assert meta["normalization"] == DEFAULT_NORMALIZATION and meta["eoir_version"] == __version__
-    assert meta["disp_units"] == "voxels"
+    facts = preset_deployment("lumir")  # the model is the lumir preset: its facts travel into the file
+    assert meta["normalization"] == facts.normalization.describe() and meta["eoir_version"] == __version__
+    assert meta["disp_units"] == "voxels" and meta["deployment"] == facts.to_dict()
     backend = load_backend(result.path, device="cpu")
     assert backend.config == tiny_model().config and backend.input_shape == SHAPE
-    assert backend.metadata["normalization"] == DEFAULT_NORMALIZATION
+    assert backend.deployment == facts and backend.deployment.source == "model file"
 
 
 def test_dynamic_export_runs_at_two_sizes():

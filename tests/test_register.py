@@ -150,6 +150,34 @@ def test_cli_labels_choose_the_scored_labels(pair: dict[str, Path], tiny_model: 
     assert seg["labels"] == [2, 41] and sorted(seg["dice_after"]) == ["2", "41"]
 
 
+def test_a_grid_that_does_not_cover_the_image_is_said_and_fit_grid_covers_it(pair: dict[str, Path]) -> None:
+    from eoir_cli.deployment import Deployment
+
+    class SmallGridNetwork(IdentityNetwork):  # trained on a 32^3 grid at 2 mm: 64 mm, smaller than the brain
+        deployment = Deployment(spacing=(2.0, 2.0, 2.0), grid=(32, 32, 32))
+
+    res = register(pair["fixed"], pair["moving"], model=SmallGridNetwork(), affine=False, refine=0, qc=False)
+    assert res.grid.shape == (32, 32, 32) and len(res.metrics["warnings"]) == 1
+    assert "does not cover the fixed image's foreground" in res.metrics["warnings"][0]
+    assert "--fit-grid" in res.metrics["warnings"][0]
+    fitted = register(pair["fixed"], pair["moving"], model=SmallGridNetwork(), affine=False, refine=0, qc=False,
+                      fit_grid=True)
+    assert fitted.metrics["warnings"] == [] and fitted.grid.spacing == pytest.approx((2.0, 2.0, 2.0))
+    assert all(s > 32 for s in fitted.grid.shape)
+
+
+def test_batch_scores_the_manifest_labels_eval(pair: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    manifest = tmp_path / "dataset.json"
+    manifest.write_text(json.dumps({"labels_eval": [2, 41], "pairs": [
+        {"fixed": str(pair["fixed"]), "moving": str(pair["moving"]), "fixed_seg": str(pair["fixed_seg"]),
+         "moving_seg": str(pair["moving_seg"]), "name": "p"}]}))
+    out = tmp_path / "batch"
+    result = runner.invoke(app, ["register", "--pairs", str(manifest), "-o", str(out), "--model", str(tiny_model),
+                                 "--spacing", str(SPACING), "--no-affine", "--no-hd95", "--refine", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "p" / "metrics.json").read_text())["segmentation"]["labels"] == [2, 41]
+
+
 def test_outputs_exist_with_documented_layout(registered: Path, pair: dict[str, Path]) -> None:
     names = sorted(p.name for p in registered.iterdir())
     assert names == sorted(["warped.nii.gz", "disp.nii.gz", "warp_itk.nii.gz", "warped_seg.nii.gz",
@@ -165,7 +193,9 @@ def test_outputs_exist_with_documented_layout(registered: Path, pair: dict[str, 
     metrics = json.loads((registered / "metrics.json").read_text())
     assert {"backend", "device", "timings_s", "field", "segmentation"} <= set(metrics)
     assert {"load", "affine", "network", "compose", "total"} <= set(metrics["timings_s"])
-    assert {"ndv_percent", "jac_nonpos_percent", "sdlogj"} == set(metrics["field"])
+    assert {"ndv_percent", "jac_nonpos_percent", "sdlogj", "grid"} == set(metrics["field"])
+    # the two "% |J| <= 0" figures each say which grid they are on
+    assert "network grid" in metrics["field"]["grid"] and "native grid" in metrics["jacobian_native"]["grid"]
 
 
 def test_orientation_spacing_round_trip_recovers_the_anatomy(registered: Path, pair: dict[str, Path]) -> None:
@@ -207,12 +237,12 @@ def test_warp_itk_applied_with_simpleitk_reproduces_warped(registered: Path, pai
 
 def test_refine_recovers_a_known_smooth_deformation(shared_data: Path) -> None:
     """fixed = moving warped by a known smooth field d, so the answer is disp = d (voxels)."""
-    from eoir_cli.preprocess import normalize_intensity
+    from eoir_cli.deployment import normalize
     from eoir_cli.refine import refine
     from eoir_cli.spatial import identity_grid, warp
 
     img = _downsample(shared_data / "brain_lumirlike/imagesTr/SYNBRAIN_0002_0000.nii.gz", factor=4)
-    moving = np.ascontiguousarray(normalize_intensity(img.get_fdata().astype(np.float32))[4:36, 4:52, 4:44])
+    moving = np.ascontiguousarray(normalize(img.get_fdata().astype(np.float32))[4:36, 4:52, 4:44])
     grid = identity_grid(moving.shape)[0]
     # d = 2 voxels * sin(2 pi x / 32) along each axis: smooth, no folding (max gradient 2 * 2pi/32 ~ 0.4).
     d_true = torch.stack([2.0 * torch.sin(2 * math.pi * grid[(c + 1) % 3] / 32) for c in range(3)])[None]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from enum import Enum
 from pathlib import Path
@@ -71,10 +70,14 @@ def demo_command(
     """
     from rich.table import Table
 
+    from eoir_cli.data.datasets import manifest_labels
     from eoir_cli.register import register
 
-    fixed, moving, fixed_seg, moving_seg = demo_inputs(pair, data_dir or default_data_dir())
-    labels = json.loads((SAMPLE_DIR / "labels.json").read_text())["labels_eval"]
+    root = data_dir or default_data_dir()
+    fixed, moving, fixed_seg, moving_seg = demo_inputs(pair, root)
+    # The label rule of register and test: the data's manifest labels_eval.
+    manifest = SAMPLE_DIR / "labels.json" if root is None else root / "brain_lumirlike" / "SYNBRAIN_dataset.json"
+    labels = manifest_labels(manifest)
     result = register(fixed, moving, out, model=model, device=device.value, moving_seg=moving_seg,
                       fixed_seg=fixed_seg, refine=refine, spacing=spacing, hd95=not fast,
                       labels=labels)
@@ -85,8 +88,8 @@ def demo_command(
     if seg:
         console.print(f"Dice (mean over {len(seg['labels'])} labels): before {seg['dice_before_mean']:.3f}, "
                       f"after {seg['dice_after_mean']:.3f}")
-    console.print(f"field: NDV {m['field']['ndv_percent']:.4f}%, |J|<=0 {m['field']['jac_nonpos_percent']:.4f}%, "
-                  f"SDlogJ {m['field']['sdlogj']:.3f}")
+    console.print(f"field (network grid): NDV {m['field']['ndv_percent']:.4f}%, "
+                  f"|J|<=0 {m['field']['jac_nonpos_percent']:.4f}%, SDlogJ {m['field']['sdlogj']:.3f}")
     table = Table(title="time per stage (s)")
     table.add_column("stage")
     table.add_column("seconds", justify="right")

@@ -73,9 +73,10 @@ def export_command(
     size = tuple(shape) if shape else tuple(info.get("grid_size") or LUMIR_SHAPE)
     pair = None
     if verify and verify_with:
+        from eoir_cli.deployment import deployment_of
         from export.onnx_export import pair_from_files
 
-        pair = pair_from_files(verify_with[0], verify_with[1], size)
+        pair = pair_from_files(verify_with[0], verify_with[1], size, deployment_of(info).normalization)
     with console.status(f"exporting {model} at {size} ({sampler.value} sampler)..."):
         result = torch2onnx(net, output, shape=size, sampler=sampler.value, dynamic=dynamic, opset=opset,
                             fp16=onnx_fp16, verify=verify, verify_pair=pair)
@@ -87,6 +88,9 @@ def export_command(
     table.add_row("sampler / opset", f"{sampler.value} / {result.metadata['opset']}")
     table.add_row("ops", ", ".join(f"{k}×{v}" for k, v in result.ops.items()))
     table.add_row("normalisation", result.metadata["normalization"])
+    from eoir_cli.deployment import Deployment
+
+    table.add_row("deployment", Deployment.from_dict(result.metadata["deployment"]).describe())
     if result.verify:
         v = result.verify
         table.add_row("verify", f"max |Δdisp| {v['max_abs']:.2e} voxels, mean {v['mean_abs']:.2e} "

@@ -60,12 +60,17 @@ def register_command(
     lumir: Annotated[bool, typer.Option("--lumir", help="Inputs on the LUMIR grid; also write "
                                         "disp_<fixed>_<moving>.nii.gz.")] = False,
     spacing: Annotated[float | None, typer.Option(min=0.01, help="Network voxel size in mm "
-                                                  "(default: the model's, 1 mm for brain models).")] = None,
-    window: Annotated[str | None, typer.Option(help="CT intensity window LOW,HIGH in HU, e.g. --window=-500,800 "
-                                               "(default: 0.5/99.5 percentiles).")] = None,
+                                                  "(default: the one the model file records).")] = None,
+    window: Annotated[str | None, typer.Option(help="Intensity window LOW,HIGH (CT in HU), e.g. --window=-500,800 "
+                                               "(default: the normalisation the model file records).")] = None,
+    fit_grid: Annotated[bool, typer.Option("--fit-grid", help="Size the network grid to the fixed image instead of "
+                                           "the model's trained grid (when that grid does not cover it).")] = False,
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Run even when the images are not of the "
+                                                 "model's domain (e.g. CT given to a brain MRI model).")] = False,
     no_hd95: Annotated[bool, typer.Option("--no-hd95", help="Skip HD95 (faster with many labels).")] = False,
     labels: Annotated[str | None, typer.Option(help="Label values scored by Dice/HD95, e.g. 2,3,41 "
-                                               "(default: every non-zero label in either map).")] = None,
+                                               "(default: a --pairs manifest's labels_eval, else every "
+                                               "non-zero label in either map).")] = None,
 ) -> None:
     """Register MOVING to FIXED; write warped, disp, warp_itk, warped_seg, jacobian, metrics.json, qc.png.
 
@@ -74,7 +79,7 @@ def register_command(
     Batch:   eoir register --pairs data/LUMIR_dataset.json -o out/ --lumir
     """
     options = dict(affine=affine, refine=refine, lumir=lumir, spacing=spacing, window=parse_window(window),
-                   hd95=not no_hd95, labels=parse_labels(labels))
+                   hd95=not no_hd95, labels=parse_labels(labels), fit_grid=fit_grid, allow_mismatch=allow_mismatch)
     if pairs is not None:
         if fixed is not None or moving is not None:
             raise fail("give either FIXED MOVING or --pairs, not both")
@@ -84,13 +89,16 @@ def register_command(
         return
     if fixed is None or moving is None:
         raise fail("expected FIXED and MOVING images (or --pairs FILE); see eoir register --help")
-    from eoir_cli.register import register
+    from eoir_cli.register import DomainMismatch, register
 
-    result = register(fixed, moving, out, model=model, backend=backend.value, device=device.value,
-                      moving_seg=moving_seg, fixed_seg=fixed_seg, precision=precision.value, **options)
+    try:
+        result = register(fixed, moving, out, model=model, backend=backend.value, device=device.value,
+                          moving_seg=moving_seg, fixed_seg=fixed_seg, precision=precision.value, **options)
+    except DomainMismatch as err:
+        raise fail(f"{err}; --allow-mismatch runs it anyway") from None
     m = result.metrics
     line = (f"[green]done[/] in {m['timings_s']['total']:.1f} s ({m['backend']} on {m['device']}): "
-            f"NDV {m['field']['ndv_percent']:.4f}%, |J|<=0 {m['field']['jac_nonpos_percent']:.4f}%")
+            f"NDV {m['field']['ndv_percent']:.4f}%, |J|<=0 {m['field']['jac_nonpos_percent']:.4f}% (network grid)")
     seg = m.get("segmentation")
     if seg:
         line += f", Dice {seg['dice_before_mean']:.3f} -> {seg['dice_after_mean']:.3f}"
@@ -103,8 +111,11 @@ def _run_batch(pairs_file: Path, out: Path, model: str, backend: str, device: st
     from rich.table import Table
 
     from eoir_cli.batch import read_pair_list, register_pairs
+    from eoir_cli.data.datasets import manifest_labels
 
     jobs = read_pair_list(pairs_file)
+    if options.get("labels") is None:
+        options = {**options, "labels": manifest_labels(pairs_file)}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("registering", total=len(jobs))

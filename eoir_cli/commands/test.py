@@ -22,6 +22,9 @@ def test_command(
         "--save-disp", help="Write disp_<fixed>_<moving>.nii.gz for the manifest's test pairs.")] = False,
     hd95: Annotated[bool, typer.Option("--hd95/--no-hd95", help="Compute HD95 (slowest metric).")] = True,
     device: Annotated[Device, typer.Option(help="Where to run the model.")] = Device.auto,
+    labels: Annotated[str | None, typer.Option(help="Label values scored, e.g. 2,3,41 (default: the manifest's "
+                                               "labels_eval, else the dataset's label table, else every "
+                                               "non-zero label in either map).")] = None,
 ) -> None:
     """Evaluate Dice, HD95, NDV, %J<=0, SDlogJ (and TRE) on the validation pairs.
 
@@ -30,6 +33,7 @@ def test_command(
     from rich.progress import Progress
     from rich.table import Table
 
+    from eoir_cli.commands.register import parse_labels
     from eoir_cli.evaluate import evaluate
 
     with Progress(console=console, transient=True) as progress:
@@ -41,7 +45,7 @@ def test_command(
             progress.update(tasks[stage], completed=done)
 
         result = evaluate(model, dataset.value, data_dir, out, save_disp, device.value, hd95,
-                          callback)
+                          callback, labels=parse_labels(labels))
     if result.rows:
         table = Table(title=f"{dataset.value}: {len(result.rows)} validation pairs")
         columns = [k for k in result.rows[0] if k != "seconds"]

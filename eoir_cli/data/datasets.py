@@ -7,9 +7,11 @@ data root without touching the images (so bad layouts fail fast with one clear l
 * validation: labelled pairs (Dice, HD95, TRE),
 * test: the manifest's submission pairs (``fixed``, ``moving``), labels optional.
 
-Images are read lazily with :func:`eoir_cli.io.load_volume` and normalised to [0, 1] (``/255``
-for LUMIR-style uint8 brains, per-image min-max for OASIS/ACDC MRI, HU window [-500, 800] for
-CT). Nothing is ever written inside the data directory.
+Images are read lazily with :func:`eoir_cli.io.load_volume` and normalised to [0, 1] by
+:func:`eoir_cli.deployment.normalize` (``u8`` = ``/255`` for LUMIR-style uint8 brains,
+``minmax`` per image for OASIS/ACDC MRI, ``ct`` = HU window [-500, 800]); training records the
+same spec in its checkpoints, so ``eoir register`` feeds the network what it was trained on.
+Nothing is ever written inside the data directory.
 
 Sample dicts (what the training loop and ``eoir test`` consume): ``moving``/``fixed``
 ``(1, D, H, W)`` float32 in [0, 1]; when labelled, ``moving_labels``/``fixed_labels`` ``(D, H, W)``
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 
 from eoir_cli.config import LUMIR_SHAPE
+from eoir_cli.deployment import Normalization, normalize
 from eoir_cli.errors import EoirError
 
 if TYPE_CHECKING:
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DATASETS = ("synth", "lumir", "oasis", "abdomen", "acdc", "pairs")
-Normalization = Literal["u8", "minmax", "ct"]
+NormalizationAlias = Literal["u8", "minmax", "ct"]  # names accepted by eoir_cli.deployment.normalize
 SYNTH_DEFAULT_SHAPE = LUMIR_SHAPE
 SYNTH_EPOCH = 1000
 VAL_SEED = 20241125
@@ -87,8 +90,9 @@ class DatasetLayout:
         train_pairs: explicit training pairs (ACDC ED<->ES).
         val_pairs: labelled validation pairs.
         test_pairs: submission pairs from the manifest.
-        normalization: how intensities map to [0, 1].
+        normalization: how intensities map to [0, 1] (an alias of :func:`eoir_cli.deployment.normalize`).
         labels: label values used for training Dice and evaluation (None = all present).
+        labels_eval: the manifest's ``labels_eval`` (the set it says to score), when it lists one.
         spacing: voxel size in mm (evaluation HD95/TRE), None = read from the files.
     """
 
@@ -98,25 +102,21 @@ class DatasetLayout:
     train_pairs: list[PairRecord] = field(default_factory=list)
     val_pairs: list[PairRecord] = field(default_factory=list)
     test_pairs: list[PairRecord] = field(default_factory=list)
-    normalization: Normalization = "minmax"
+    normalization: NormalizationAlias = "minmax"
     labels: tuple[int, ...] | None = None
+    labels_eval: tuple[int, ...] | None = None
+
+    @property
+    def scored_labels(self) -> tuple[int, ...] | None:
+        """The evaluation label set: the manifest's ``labels_eval``, else ``labels`` (None = all in both maps)."""
+        return self.labels_eval or self.labels
 
 
 # --------------------------------------------------------------------------------------------
 # Reading and normalising images
 
 
-def normalize(data: np.ndarray, how: Normalization) -> np.ndarray:
-    """Map intensities to [0, 1] float32: ``u8`` = /255, ``ct`` = clip HU to [-500, 800], ``minmax``."""
-    if how == "u8":
-        return np.clip(data / 255.0, 0.0, 1.0).astype(np.float32)
-    if how == "ct":
-        return ((np.clip(data, -500.0, 800.0) + 500.0) / 1300.0).astype(np.float32)
-    lo, hi = float(data.min()), float(data.max())
-    return ((data - lo) / max(hi - lo, 1e-6)).astype(np.float32)
-
-
-def read_image(record: ImageRecord, how: Normalization) -> tuple[np.ndarray, np.ndarray]:
+def read_image(record: ImageRecord, how: NormalizationAlias | Normalization) -> tuple[np.ndarray, np.ndarray]:
     """``(image (D, H, W) float32 in [0, 1], affine 4x4)``; errors name the manifest entry."""
     from eoir_cli.io import load_volume
 
@@ -153,8 +153,9 @@ def _to_shape(image: torch.Tensor, shape: tuple[int, int, int] | None, mode: str
     return resize(image[None], size=shape)[0]
 
 
-def load_pair(pair: PairRecord, how: Normalization, labels: bool, shape: tuple[int, int, int] | None = None,
-              lut: np.ndarray | None = None, affines: bool = False) -> dict[str, torch.Tensor]:
+def load_pair(pair: PairRecord, how: NormalizationAlias | Normalization, labels: bool,
+              shape: tuple[int, int, int] | None = None, lut: np.ndarray | None = None,
+              affines: bool = False) -> dict[str, torch.Tensor]:
     """Read one pair into a sample dict (see module docstring).
 
     Args:
@@ -391,7 +392,7 @@ def open_lumir(root: str | Path | None) -> DatasetLayout:
             for i, e in enumerate(_entries(manifest, "test", manifest_path, required=False))]
     _need(train, 2, f"{manifest_path}: training images")
     return DatasetLayout("lumir", base, train_images=train, val_pairs=_pairwise(val_images), test_pairs=test,
-                         normalization="u8", labels=None)
+                         normalization="u8", labels=None, labels_eval=_labels_eval(manifest, manifest_path))
 
 
 def _find_manifest(base: Path, names: Sequence[str], dataset: str) -> Path:
@@ -406,7 +407,7 @@ def _find_manifest(base: Path, names: Sequence[str], dataset: str) -> Path:
 
 
 def _l2r_json_layout(name: str, base: Path, manifest_path: Path, labels: tuple[int, ...],
-                     how: Normalization) -> DatasetLayout:
+                     how: NormalizationAlias) -> DatasetLayout:
     """Learn2Reg ``*_dataset.json`` (2022+): ``training`` images (+ ``label``), ``registration_val``
     pairs (labels = image path with images -> labels), ``registration_test`` pairs if listed."""
     manifest = _read_json(manifest_path)
@@ -423,7 +424,31 @@ def _l2r_json_layout(name: str, base: Path, manifest_path: Path, labels: tuple[i
     train = [r for r in images if r.image not in in_val] or images
     _need(train, 2, f"{manifest_path}: training images (outside the validation pairs)")
     return DatasetLayout(name, base, train_images=train, val_pairs=[p for p in val if p.fixed.seg and p.moving.seg],
-                         test_pairs=test, normalization=how, labels=labels)
+                         test_pairs=test, normalization=how, labels=labels,
+                         labels_eval=_labels_eval(manifest, manifest_path))
+
+
+def _labels_eval(manifest: dict[str, Any], path: Path) -> tuple[int, ...] | None:
+    """The manifest's ``labels_eval`` list (the label set it says to score), or None."""
+    value = manifest.get("labels_eval")
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{path}: expected 'labels_eval' to be a list of integers, got {value!r}") from None
+
+
+def manifest_labels(path: str | Path) -> tuple[int, ...] | None:
+    """``labels_eval`` of a JSON pair list / manifest (None for CSV lists or when it lists none)."""
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # read_pair_list reports unreadable lists
+    return _labels_eval(data, path) if isinstance(data, dict) else None
 
 
 def open_oasis(root: str | Path | None) -> DatasetLayout:
