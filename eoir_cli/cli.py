@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from eoir_cli.commands import bench, demo, export, info, register, test, train
+from eoir_cli.commands import apply, bench, demo, export, info, register, test, train
 
 app = typer.Typer(
     name="eoir",
-    help="3D medical image registration with EOIR: train, test, export, register, bench.",
+    help="3D medical image registration with EOIR: train, test, export, register, apply, bench.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -18,6 +18,7 @@ app.command("train")(train.train_command)
 app.command("test")(test.test_command)
 app.command("export")(export.export_command)
 app.command("register")(register.register_command)
+app.command("apply")(apply.apply_command)
 app.command("bench")(bench.bench_command)
 app.command("demo")(demo.demo_command)
 app.command("info")(info.info_command)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from eoir_cli.coords import identity_grid, index_to_normalized, normalized_scale
 from eoir_cli.coords import jacobian_determinant as jacobian_determinant  # re-exported: part of the spatial API
+from eoir_cli.coords import spatial_gradient as spatial_gradient  # re-exported: part of the spatial API
 
 Mode = Literal["bilinear", "nearest"]
 SamplerFn = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
@@ -220,11 +221,6 @@ def resize_disp(disp: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     out = resize(disp, size=tuple(size))
     ratio = [(m - 1) / (n - 1) if n > 1 else 1.0 for n, m in zip(old, size, strict=False)]
     return out * torch.tensor(ratio, dtype=disp.dtype, device=disp.device).view(1, 3, 1, 1, 1)
-
-
-def spatial_gradient(field: torch.Tensor) -> list[torch.Tensor]:
-    """Central differences (one-sided at the borders) along array axes 0, 1, 2 of ``(N, C, D, H, W)``."""
-    return list(torch.gradient(field, dim=(2, 3, 4)))
 
 
 def check_size(size: Sequence[int], multiple: Sequence[int], what: str = "input") -> None:
