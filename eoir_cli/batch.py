@@ -63,7 +63,7 @@ def register_pairs(
         options: forwarded to :func:`eoir_cli.register.register` (``affine``, ``refine``, ``lumir``, ...).
     """
     from eoir_cli.backends import open_backend
-    from eoir_cli.register import lumir_id, register
+    from eoir_cli.register import register
 
     out = Path(out_dir)
     # Open the model once, and only when some pair is left to do; a model that cannot be opened
@@ -83,7 +83,7 @@ def register_pairs(
                 result = register(pair.fixed.image, pair.moving.image, pair_dir, model=net,
                                   moving_seg=pair.moving.seg, fixed_seg=pair.fixed.seg, **options)
                 if options.get("lumir"):
-                    lumir_name = f"disp_{lumir_id(pair.fixed.image)}_{lumir_id(pair.moving.image)}.nii.gz"
+                    lumir_name = f"disp_{pair.fixed.id}_{pair.moving.id}.nii.gz"
                     copy_atomic(result.paths[lumir_name], out / lumir_name)
                 outcome = _outcome_from_metrics(pair.label, "done", result.metrics)
             except (EoirError, ValueError, OSError, RuntimeError) as err:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -104,13 +103,6 @@ def _seg_metrics(before: np.ndarray, after: np.ndarray, fixed_seg: np.ndarray, m
             out[f"hd95_{tag}"] = {str(k): v for k, v in hd.items()}
             out[f"hd95_{tag}_mean"] = float(np.mean(finite)) if finite else float("nan")
     return out
-
-
-def lumir_id(path: str | os.PathLike[str] | None) -> str:
-    """The 4-digit subject id of a LUMIR-style name (``LUMIRMRI_3454_0000.nii.gz`` -> ``3454``)."""
-    name = Path(str(path)).name if path is not None else "array"
-    match = re.search(r"_(\d{4})_\d{4}\.nii(\.gz)?$", name) or re.search(r"(\d{4})(?!.*\d)", name)
-    return match.group(1) if match else re.sub(r"\.nii(\.gz)?$", "", name)
 
 
 class _Timer:
@@ -220,7 +212,10 @@ def register(
                     raise EoirError(f"--lumir: expected {what} on the LUMIR grid {LUMIR_SHAPE}, got shape {vol.shape}")
         names = list(OUTPUT_NAMES)
         if lumir:
-            names.append(f"disp_{lumir_id(fixed_v.path)}_{lumir_id(moving_v.path)}.nii.gz")
+            from eoir_cli.data.datasets import case_id
+
+            ids = [case_id(v.path) if v.path is not None else "array" for v in (fixed_v, moving_v)]
+            names.append(f"disp_{ids[0]}_{ids[1]}.nii.gz")
         if out_dir is not None:
             check_outputs_are_not_inputs(Path(out_dir), [fixed_v, moving_v, mseg, fseg], names)
     if refine is None:

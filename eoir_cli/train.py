@@ -234,6 +234,7 @@ def validate(model: nn.Module, pairs: Sequence[dict[str, torch.Tensor]], device:
     """
     from eoir_cli.inference import predict_disp
     from eoir_cli.losses import ncc_loss
+    from eoir_cli.metrics import mean_dice
     from eoir_cli.spatial import warp
 
     was_training = model.training
@@ -247,25 +248,13 @@ def validate(model: nn.Module, pairs: Sequence[dict[str, torch.Tensor]], device:
             disp = predict_disp(model, moving, fixed)
             if "moving_labels" in pair and bool(pair.get("has_labels", torch.tensor(True))):
                 warped = warp(pair["moving_labels"][None, None].float().to(device), disp, mode="nearest")[0, 0]
-                dices.append(foreground_dice(warped.long(), pair["fixed_labels"].to(device)))
+                dices.append(mean_dice(warped.long().cpu().numpy(), pair["fixed_labels"].numpy()))
             else:
                 nccs.append(-float(ncc_loss(warp(moving, disp), fixed, windows[0])))
     model.train(was_training)
     if dices:
         return float(np.mean(dices)), "dice"
     return float(np.mean(nccs)) if nccs else float("nan"), "ncc"
-
-
-def foreground_dice(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean Dice over the non-zero labels present in either map (torch, any device)."""
-    labels = torch.unique(torch.cat([pred.flatten(), target.flatten()]))
-    scores = []
-    for value in labels.tolist():
-        if value == 0:
-            continue
-        p, t = pred == value, target == value
-        scores.append(float(2 * (p & t).sum()) / float(p.sum() + t.sum()))
-    return float(np.mean(scores)) if scores else float("nan")
 
 
 def train(config: TrainConfig, callback: Callable[[StepInfo], None] | None = None) -> TrainResult:

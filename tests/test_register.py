@@ -269,10 +269,10 @@ def test_refine_starts_from_the_network_answer() -> None:
 
 
 def test_lumir_mode_writes_challenge_named_field(shared_data: Path, tmp_path: Path) -> None:
-    from eoir_cli.register import lumir_id
+    from eoir_cli.data.datasets import case_id
 
-    assert lumir_id("imagesVal/LUMIRMRI_3454_0000.nii.gz") == "3454"
-    assert lumir_id("SYNBRAIN_0002_0000.nii.gz") == "0002"
+    assert case_id("imagesVal/LUMIRMRI_3454_0000.nii.gz") == "3454"
+    assert case_id("SYNBRAIN_0002_0000.nii.gz") == "0002"
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

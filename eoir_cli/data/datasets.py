@@ -322,8 +322,12 @@ def _exists(path: Path, where: str) -> Path:
     return path
 
 
-def _image_id(path: Path) -> str:
-    """The 4-digit case id of a Learn2Reg file name (``LUMIRMRI_3454_0000`` -> ``3454``)."""
+def case_id(path: str | Path) -> str:
+    """The 4-digit case id of a Learn2Reg/LUMIR file name (``LUMIRMRI_3454_0000.nii.gz`` -> ``3454``).
+
+    The ids of submission names (``disp_<fixed id>_<moving id>.nii.gz``) and of batch folders.
+    """
+    path = Path(path)
     stem = path.name.split(".")[0]
     m = re.match(r"^.*?_(\d+)_\d{4}$", stem) or re.search(r"(\d+)(?!.*\d)", stem)
     return m.group(1).zfill(4) if m else stem
@@ -351,7 +355,7 @@ def _image_entry(root: Path, entry: Any, where: str, seg_key: str | None = None,
     elif seg_from_image:
         guess = Path(str(image).replace("/images", "/labels"))
         seg = guess if guess.is_file() else None
-    return ImageRecord(image=image, seg=seg, entry=where, id=_image_id(image))
+    return ImageRecord(image=image, seg=seg, entry=where, id=case_id(image))
 
 
 def _pair_entry(root: Path, entry: Any, where: str, seg_from_image: bool) -> PairRecord:
@@ -364,7 +368,7 @@ def _pair_entry(root: Path, entry: Any, where: str, seg_from_image: bool) -> Pai
         if seg_from_image:
             guess = Path(str(image).replace("/images", "/labels"))
             seg = guess if guess.is_file() else None
-        recs.append(ImageRecord(image=image, seg=seg, entry=f"{where}.{key}", id=_image_id(image)))
+        recs.append(ImageRecord(image=image, seg=seg, entry=f"{where}.{key}", id=case_id(image)))
     return PairRecord(fixed=recs[0], moving=recs[1])
 
 
@@ -636,7 +640,7 @@ def read_pair_list(path: str | Path) -> list[PairRecord]:
             seg_value = entry.get(f"{key}_seg")
             seg = _exists(_resolve(base, str(seg_value)), f"{where}.{key}_seg") \
                 if seg_value else (_labels_beside(image) if manifest else None)
-            recs.append(ImageRecord(image=image, seg=seg, entry=f"{where}.{key}", id=_image_id(image)))
+            recs.append(ImageRecord(image=image, seg=seg, entry=f"{where}.{key}", id=case_id(image)))
         pairs.append(PairRecord(fixed=recs[0], moving=recs[1], name=str(entry.get("name") or "")))
     _need(pairs, 1, f"{path}: pairs")
     return pairs
