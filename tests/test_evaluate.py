@@ -132,3 +132,21 @@ def test_few_step_training_on_fake_lumir(tmp_path: Path) -> None:
         facts = deployment_of(load_model(out / name).checkpoint_info)
         assert facts.source == "model file" and facts.domain == "brain MRI"
         assert facts.normalization == Normalization("divide", None, 255.0) and facts.spacing == (1.0, 1.0, 1.0)
+
+
+def test_test_and_register_give_the_same_field_for_the_same_pair(tmp_path: Path) -> None:
+    from eoir_cli.deployment import DATASET_DEPLOYMENT
+    from eoir_cli.register import register
+
+    root = lumir_tree(tmp_path / "LUMIR")
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "m.pt", EOIR(resolve_config("lumir", channels=2)),
+                            extra={"deployment": DATASET_DEPLOYMENT["lumir"].to_dict()})  # /255, 1 mm
+    evaluate(str(model), "lumir", root, tmp_path / "eval", save_disp=True, hd95=False)
+    submitted = nib.load(str(tmp_path / "eval/submission/disp_3455_3454.nii.gz")).get_fdata()
+    # The same pair through the register pipeline, its grid being the images' own (32^3 at 1 mm, no affine).
+    res = register(root / "imagesVal/LUMIRMRI_3455_0000.nii.gz", root / "imagesVal/LUMIRMRI_3454_0000.nii.gz",
+                   model=str(model), affine=False, refine=0, shape=(32, 32, 32), qc=False, hd95=False)
+    assert res.metrics["deployment"]["normalization_used"]["kind"] == "divide"
+    assert np.abs(submitted).max() > 1e-3  # a field worth comparing
+    np.testing.assert_allclose(res.disp, submitted, atol=1e-4)
