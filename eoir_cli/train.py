@@ -106,13 +106,42 @@ def _dist_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def poly_lr_lambda(total_steps: int, power: float = 0.9) -> Callable[[int], float]:
-    """Multiplier ``(1 - step / total) ** power`` for ``LambdaLR`` (floored at 0)."""
+def poly_lr_lambda(total_steps: int, power: float = 0.9, start: int = 0, factor: float = 1.0) -> Callable[[int], float]:
+    """Learning-rate multiplier for ``LambdaLR``: polynomial decay from ``factor`` at ``start`` to 0 at ``total_steps``.
+
+    ``factor * ((total - step) / (total - start)) ** power`` (floored at 0); with the defaults this is
+    the usual ``(1 - step / total) ** power``. A resumed run that changes ``--steps`` continues from the
+    multiplier it had reached (``start``, ``factor``), so the rate never jumps.
+    """
+    span = max(total_steps - start, 1)
 
     def fn(step: int) -> float:
-        return max(0.0, 1.0 - step / max(total_steps, 1)) ** power
+        return factor * max(0.0, (total_steps - step) / span) ** power
 
     return fn
+
+
+def resumed_schedule(stored: dict[str, float], step: int, total: int) -> dict[str, float]:
+    """The decay segment a run resumed at ``step`` with ``total`` steps follows.
+
+    Same total: the stored segment (the resumed run reproduces the uninterrupted one exactly).
+    Another total: a new segment that starts at ``step`` with the multiplier the stored one had reached
+    there and decays to 0 at ``total``. A finished run (multiplier 0) restarts at the multiplier the
+    longer schedule would have had at ``step``, said in the log.
+
+    Raises:
+        EoirError: ``total`` not above ``step``.
+    """
+    if total <= step:
+        raise EoirError(f"--steps {total}: expected more than the {step} steps this run has done")
+    if int(stored["end"]) == total:
+        return stored
+    reached = poly_lr_lambda(int(stored["end"]), start=int(stored["start"]), factor=float(stored["factor"]))(step)
+    if reached <= 0.0:
+        reached = poly_lr_lambda(total)(step)
+        log.warning("the stored run had finished its decay (learning rate 0); restarting at %.3g x --lr for the "
+                    "remaining %d steps", reached, total - step)
+    return {"start": step, "factor": reached, "end": total}
 
 
 def rng_state() -> dict[str, Any]:
@@ -227,34 +256,39 @@ def _downsample(batch: dict[str, torch.Tensor], net_size: tuple[int, int, int], 
 
 
 def validate(model: nn.Module, pairs: Sequence[dict[str, torch.Tensor]], device: torch.device,
-             windows: Sequence[int]) -> tuple[float, str]:
-    """Mean foreground Dice over labelled pairs (``"dice"``), else mean local NCC (``"ncc"``).
+             windows: Sequence[int]) -> dict[str, float]:
+    """Validation metrics of ``model`` (an EOIR, fp32, eval mode) on full-size pairs.
 
-    Runs ``model`` (an EOIR) in eval mode on full-size inputs (padded when needed).
+    Returns:
+        ``ncc`` (mean local NCC of warped and fixed, window ``windows[0]``), ``ndv`` (mean
+        non-diffeomorphic volume, percent) and, when pairs carry labels, ``dice`` (mean foreground
+        Dice of the nearest-warped moving labels).
     """
     from eoir_cli.inference import predict_disp
     from eoir_cli.losses import ncc_loss
-    from eoir_cli.metrics import mean_dice
+    from eoir_cli.metrics import mean_dice, ndv
     from eoir_cli.spatial import warp
 
     was_training = model.training
     model.eval()
     dices: list[float] = []
     nccs: list[float] = []
+    ndvs: list[float] = []
     with torch.no_grad():
         for pair in pairs:
             moving = pair["moving"][None].to(device)
             fixed = pair["fixed"][None].to(device)
             disp = predict_disp(model, moving, fixed)
+            nccs.append(-float(ncc_loss(warp(moving, disp), fixed, windows[0])))
+            ndvs.append(ndv(disp[0].cpu().numpy()))
             if "moving_labels" in pair and bool(pair.get("has_labels", torch.tensor(True))):
                 warped = warp(pair["moving_labels"][None, None].float().to(device), disp, mode="nearest")[0, 0]
                 dices.append(mean_dice(warped.long().cpu().numpy(), pair["fixed_labels"].numpy()))
-            else:
-                nccs.append(-float(ncc_loss(warp(moving, disp), fixed, windows[0])))
     model.train(was_training)
+    out = {"ncc": float(np.mean(nccs)) if nccs else float("nan"), "ndv": float(np.mean(ndvs)) if ndvs else 0.0}
     if dices:
-        return float(np.mean(dices)), "dice"
-    return float(np.mean(nccs)) if nccs else float("nan"), "ncc"
+        out["dice"] = float(np.mean(dices))
+    return out
 
 
 def train(config: TrainConfig, callback: Callable[[StepInfo], None] | None = None) -> TrainResult:
@@ -282,8 +316,6 @@ def train(config: TrainConfig, callback: Callable[[StepInfo], None] | None = Non
     from eoir_cli.devices import resolve_device
 
     device = torch.device(resolve_device(config.device, local_rank if world > 1 else None))
-    if config.amp and device.type != "cuda":
-        raise EoirError("--amp: mixed precision needs a CUDA device, got --device " + str(device))
     resume_data: dict[str, Any] | None = None
     if config.resume:
         resume_path = _find_resume(config.resume)
@@ -331,14 +363,24 @@ def _train(config: TrainConfig, callback: Callable[[StepInfo], None] | None, dev
             raise EoirError(f"--shape {shape}: expected sizes that --input-scale {model_config.input_scale} "
                             "maps to whole numbers")
         check_size(net_size, model_config.size_multiple(), "network input (--shape x --input-scale)")
+    if config.amp and device.type == "cpu" and net_size is not None:
+        coarsest = tuple(n // m for n, m in zip(net_size, model_config.size_multiple(), strict=True))
+        # oneDNN (torch 2.13) returns garbage weight gradients (~1e35) for bf16 convolutions on a 2^3
+        # input; 3^3 and larger are exact and bit-reproducible.
+        if min(coarsest) < 3:
+            raise EoirError(f"--amp on CPU: expected the coarsest pyramid level to be >= 3 voxels per axis, got "
+                            f"{coarsest} (use fewer --levels or a larger --shape, or --no-amp)")
     use_dice = data.num_classes > 0 and config.dice_weight > 0
     steps_total = total_steps(config, data.epoch_length, world)
 
     torch.manual_seed(config.seed)
     model = eoir_cls(model_config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, amsgrad=True)
+    schedule = {"start": 0, "factor": 1.0, "end": steps_total}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(steps_total))
-    scaler = torch.amp.GradScaler("cuda", enabled=config.amp)
+    # fp16 needs loss scaling; bf16 (CPU) has fp32's exponent range and does not.
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     start_step, best, elapsed0 = 0, None, 0.0
     rows: list[dict[str, Any]] = []
     if resume_data is not None:
@@ -352,8 +394,15 @@ def _train(config: TrainConfig, callback: Callable[[StepInfo], None] | None, dev
         elapsed0 = float(resume_data.get("elapsed_s", 0.0))
         set_rng_state(resume_data["rng"])
         rows = _read_metrics(out / "metrics.csv", start_step)
-        # A longer --steps on resume stretches the decay; the stored lambda has no state to fix.
-        scheduler.lr_lambdas[0] = poly_lr_lambda(steps_total)
+        stored = resume_data.get("schedule") or {"start": 0, "factor": 1.0,
+                                                 "end": total_steps(TrainConfig.from_dict(resume_data["train_config"]),
+                                                                    data.epoch_length, world)}
+        schedule = resumed_schedule(stored, start_step, steps_total)
+        scheduler.lr_lambdas[0] = poly_lr_lambda(int(schedule["end"]), start=int(schedule["start"]),
+                                                 factor=float(schedule["factor"]))
+        # The optimizer holds the rate the stored lambda chose for the next step: recompute it.
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
         log.info("resumed %s at step %d", config.resume, start_step)
 
     # What the checkpoints tell `eoir register` / `eoir export` about running this model.
@@ -387,7 +436,7 @@ def _train(config: TrainConfig, callback: Callable[[StepInfo], None] | None, dev
 
     def save(name: str, step: int) -> None:
         files[name] = _save_training_checkpoint(out / name, model, optimizer, scheduler, scaler, step, best,
-                                                config, elapsed0 + time.perf_counter() - t0, facts)
+                                                config, elapsed0 + time.perf_counter() - t0, facts, schedule)
 
     windows = config.loss_windows()
     step = start_step
@@ -395,14 +444,14 @@ def _train(config: TrainConfig, callback: Callable[[StepInfo], None] | None, dev
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         size = net_size or tuple(batch["moving"].shape[2:])
         moving, fixed, moving_oh, fixed_oh = _downsample(batch, size, data.num_classes, use_dice)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=config.amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=config.amp):
             velocities, disps = wrapped(moving, fixed)
         output = _Pyr([v.float() for v in velocities], [d.float() for d in disps])
         loss, terms = deep_supervision_loss(
             output, moving, fixed, moving_oh, fixed_oh, windows=windows, smooth_weight=config.smooth_weight,
             penalty=config.penalty, dice_weight=config.dice_weight, level_factors=model_config.level_factors)
         if not math.isfinite(float(loss.detach())):
-            raise EoirError(f"step {step}: the loss is {float(loss.detach())} (diverged); lower --lr or use --amp off")
+            raise EoirError(f"step {step}: the loss is {float(loss.detach())} (diverged); lower --lr or use --no-amp")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -416,11 +465,14 @@ def _train(config: TrainConfig, callback: Callable[[StepInfo], None] | None, dev
         info = StepInfo(step, steps_total, terms, lr)
         last = step == steps_total
         if (config.val_every and step % config.val_every == 0) or last:
-            metric, metric_name = validate(model, data.val, device, windows)
-            row[f"val_{metric_name}"] = metric
+            metrics = validate(model, data.val, device, windows)
+            metric_name = "dice" if "dice" in metrics else "ncc"
+            metric = metrics[metric_name]
+            row.update({f"val_{k}": round(v, 6) for k, v in metrics.items()})
             info.val_metric, info.val_name = metric, metric_name
             if writer is not None:
-                writer.add_scalar(f"val/{metric_name}", metric, step)
+                for k, v in metrics.items():
+                    writer.add_scalar(f"val/{k}", v, step)
             if best is None or (math.isfinite(metric) and metric > best):
                 best = metric
                 save("best.pt", step)
@@ -433,6 +485,8 @@ def _train(config: TrainConfig, callback: Callable[[StepInfo], None] | None, dev
             save("last.pt", step)
         if step % max(config.log_every, 1) == 0 or last or (config.save_every and step % config.save_every == 0):
             _write_metrics(out / "metrics.csv", rows)
+        if info.val_metric is not None:
+            _write_curves(out / "curves.png", rows)
         if callback is not None:
             callback(info)
 
@@ -449,6 +503,8 @@ def _train(config: TrainConfig, callback: Callable[[StepInfo], None] | None, dev
             "train_step": step, "dataset": config.dataset,
             "best_metric": best, "metric": metric_name})
         files["metrics.csv"] = out / "metrics.csv"
+        if (out / "curves.png").exists():
+            files["curves.png"] = out / "curves.png"
         files["config.json"] = out / "config.json"
         if writer is not None:
             writer.close()
@@ -457,7 +513,7 @@ def _train(config: TrainConfig, callback: Callable[[StepInfo], None] | None, dev
 
 def _save_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                               scaler: Any, step: int, best: float | None, config: TrainConfig,
-                              elapsed: float, facts: Deployment) -> Path:
+                              elapsed: float, facts: Deployment, schedule: dict[str, float]) -> Path:
     from eoir_cli.checkpoint import save_checkpoint
 
     return save_checkpoint(path, model, extra={  # type: ignore[arg-type]
@@ -471,7 +527,68 @@ def _save_training_checkpoint(path: Path, model: nn.Module, optimizer: torch.opt
         "train_config": config.to_dict(),
         "normalization": facts.normalization.describe(),
         "deployment": facts.to_dict(),
+        "schedule": schedule,
     })
+
+
+def _write_curves(path: Path, rows: Sequence[dict[str, Any]]) -> Path | None:
+    """Draw the learning curves of ``metrics.csv`` rows as a PNG (atomically); None without matplotlib.
+
+    Panels: training loss (raw and a 50-step running mean) and learning rate against step; validation
+    Dice (or NCC) against step and against wall time; validation NCC and NDV against step.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no curves.png (pip install matplotlib)")
+        return None
+    from eoir_cli.fileio import atomic_path
+
+    def series(key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        picked = [r for r in rows if r.get(key) not in (None, "")]
+        return (np.array([float(r["step"]) for r in picked]), np.array([float(r["time_s"]) for r in picked]) / 3600,
+                np.array([float(r[key]) for r in picked]))
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    step, _, loss = series("total")
+    ax = axes[0, 0]
+    if loss.size:
+        ax.plot(step, loss, color="0.8", lw=0.6, label="loss")
+        window = min(50, loss.size)
+        ax.plot(step[window - 1:], np.convolve(loss, np.ones(window) / window, mode="valid"), color="C0",
+                label=f"{window}-step mean")
+        ax.legend(loc="upper right")
+    ax.set(title="training loss", xlabel="step")
+    ax2 = ax.twinx()
+    lr_step, _, lr = series("lr")
+    ax2.plot(lr_step, lr, color="C3", lw=0.8)
+    ax2.set_ylabel("learning rate", color="C3")
+    key = "val_dice" if any(r.get("val_dice") not in (None, "") for r in rows) else "val_ncc"
+    vstep, vtime, value = series(key)
+    for ax, x, label in ((axes[0, 1], vstep, "step"), (axes[0, 2], vtime, "wall time (h)")):
+        ax.plot(x, value, "o-", color="C2")
+        ax.set(title=f"validation {key[4:]}", xlabel=label)
+        if value.size:
+            best = int(np.argmax(value))
+            ax.annotate(f"best {value[best]:.4f}", (x[best], value[best]), textcoords="offset points",
+                        xytext=(0, 8), ha="center")
+        ax.grid(alpha=0.3)
+    for ax, name in ((axes[1, 0], "val_ncc"), (axes[1, 1], "val_ndv")):
+        x, _, y = series(name)
+        ax.plot(x, y, "o-", color="C1")
+        ax.set(title=f"validation {name[4:]}" + (" (%)" if name == "val_ndv" else ""), xlabel="step")
+        ax.grid(alpha=0.3)
+    axes[1, 2].axis("off")
+    last = rows[-1] if rows else {}
+    axes[1, 2].text(0, 0.9, f"step {last.get('step', '-')}\nwall time {float(last.get('time_s', 0)) / 3600:.2f} h",
+                    va="top", family="monospace")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return path
 
 
 def _tensorboard(out: Path) -> Any:

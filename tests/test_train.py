@@ -205,3 +205,84 @@ def test_ddp_two_process_gloo(tmp_path: Path) -> None:
     assert [r["step"] for r in _rows(out / "metrics.csv")] == ["1", "2"]
     saved = torch.load(out / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(saved[k], w0[k]) for k in w0)  # rank 0 saved the final (shared) weights
+
+
+def test_bf16_cpu_run_resumes_exactly_and_draws_curves(tmp_path_factory: pytest.TempPathFactory) -> None:
+    maps = str(_empty_maps(tmp_path_factory))
+    straight = tmp_path_factory.mktemp("bf16")
+    with pytest.raises(EoirError, match="coarsest pyramid level to be >= 3 voxels per axis, got \\(2, 2, 2\\)"):
+        train(_tiny(tmp_path_factory.mktemp("bf16_5_levels"), data_dir=maps, amp=True))  # 32 / 2^4 = 2
+    train(_tiny(straight, data_dir=maps, amp=True, levels=4))
+    png = (straight / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(info: object) -> None:
+        if info.step == 2:  # type: ignore[attr-defined]
+            raise Killed
+
+    out = tmp_path_factory.mktemp("bf16_resumed")
+    with pytest.raises(Killed):
+        train(_tiny(out, data_dir=maps, amp=True, levels=4), kill_after_two)
+    train(_tiny(out, data_dir=maps, amp=True, levels=4, resume=str(out)))
+    for a, b in zip(_rows(straight / "metrics.csv"), _rows(out / "metrics.csv"), strict=True):
+        for key in ("total", "ncc", "dice", "lr"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-6), (a["step"], key)
+    # bf16 autocast changes the numbers: the fp32 run of the same seed differs.
+    fp32 = tmp_path_factory.mktemp("fp32")
+    train(_tiny(fp32, data_dir=maps, steps=1, val_every=0, levels=4))
+    assert float(_rows(fp32 / "metrics.csv")[0]["total"]) != pytest.approx(
+        float(_rows(straight / "metrics.csv")[0]["total"]), abs=1e-7)
+
+
+def test_resumed_schedule_golden() -> None:
+    from eoir_cli.train import resumed_schedule
+
+    stored = {"start": 0, "factor": 1.0, "end": 4}
+    assert resumed_schedule(stored, 2, 4) is stored  # same total: exact resume
+    longer = resumed_schedule(stored, 2, 8)
+    # reached (1 - 2/4)^0.9 = 0.5^0.9 at step 2, then decays to 0 at step 8
+    assert longer == {"start": 2, "factor": pytest.approx(0.5**0.9), "end": 8}
+    fn = poly_lr_lambda(8, start=2, factor=longer["factor"])
+    assert fn(2) == pytest.approx(0.5**0.9) and fn(5) == pytest.approx(0.5**0.9 * 0.5**0.9) and fn(8) == 0.0
+    finished = resumed_schedule(stored, 4, 8)  # learning rate had reached 0: restart on the stretched decay
+    assert finished == {"start": 4, "factor": pytest.approx(0.5**0.9), "end": 8}
+    with pytest.raises(EoirError, match="expected more than the 4 steps"):
+        resumed_schedule(stored, 4, 4)
+
+
+def test_resume_to_more_steps_never_steps_at_zero_or_jumps(straight_run: Path, tmp_path: Path) -> None:
+    maps = json.loads((straight_run / "config.json").read_text())["train"]["data_dir"]
+    import shutil
+
+    out = tmp_path / "longer"
+    shutil.copytree(straight_run, out)
+    train(_tiny(out, data_dir=maps, resume=str(out), steps=8))
+    lrs = [float(r["lr"]) for r in _rows(out / "metrics.csv")]
+    assert len(lrs) == 8 and all(lr > 0 for lr in lrs)
+    # steps 5..8 decay smoothly from the restart value 1e-4 * (1 - 4/8)^0.9
+    assert lrs[4] == pytest.approx(1e-4 * 0.5**0.9, rel=1e-6)
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+
+
+def test_holdout_keeps_subject_out_of_training_and_validates_on_it() -> None:
+    from eoir_cli.data.datasets import holdout_pairs
+    from eoir_cli.data.synth import SynthConfig, SynthPairs, default_synth_root
+
+    root = default_synth_root()
+    if root is None:
+        pytest.skip("../shared/data is not beside the checkout")
+    synth = SynthPairs(SynthConfig(shape=(32, 32, 32)), root, exclude=("VXMT1_0100",))
+    names = [s.name for s in synth.sources] + [r.name for r in synth.reals]
+    assert names and not any("VXMT1_0100" in n for n in names)
+    assert any("SYNBRAIN_0001" in n for n in names)
+    pairs = holdout_pairs(root, ("VXMT1_0100",), (32, 48, 32))
+    assert len(pairs) == 3  # the three other labelled subjects registered to the held-out one
+    labels = set(torch.unique(pairs[0]["fixed_labels"]).tolist())
+    assert 2 in labels and labels <= {0, 2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 26, 28, 41, 42, 43,
+                                      44, 46, 47, 49, 50, 51, 52, 53, 54, 58, 60}
+    assert pairs[0]["moving"].shape == (1, 32, 48, 32)
+    with pytest.raises(EoirError, match="expected labelled images"):
+        holdout_pairs(root, ("NOBODY",), (32, 32, 32))

@@ -74,7 +74,7 @@ def train_command(
     seed: Annotated[int | None, typer.Option(help="Seed of the weights and of every sample. [default: 0]")] = None,
     amp: Annotated[bool | None, typer.Option(
         "--amp/--no-amp",
-        help="Mixed precision (CUDA only). [default: off]",
+        help="Mixed precision: fp16 on CUDA, bf16 on CPU (~1.8x faster steps on AVX512-BF16). [default: off]",
     )] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue a run: its last.pt or its run directory.")] = None,
@@ -104,6 +104,13 @@ def train_command(
         help="synth: number of seeded validation pairs. [default: 4]",
     )] = None,
     workers: Annotated[int | None, typer.Option(min=0, help="Data-loader worker processes. [default: 0]")] = None,
+    holdout: Annotated[list[str] | None, typer.Option(
+        help="synth: keep subjects whose file names contain this out of training and validate on their real "
+             "pairs (repeatable).",
+    )] = None,
+    flip_fraction: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="synth: share of label-map pairs mirrored left-right. [default: 0.0]",
+    )] = None,
 ) -> None:
     """Train EOIR on a dataset (or synthetic pairs) and write checkpoints.
 
@@ -120,6 +127,7 @@ def train_command(
         "amp": amp, "device": device, "smooth_weight": smooth_weight, "penalty": penalty.value if penalty else None,
         "dice_weight": dice_weight, "windows": tuple(windows) if windows else None, "real_fraction": real_fraction,
         "shapes_fraction": shapes_fraction, "val_pairs": val_pairs, "num_workers": workers,
+        "holdout": tuple(holdout) if holdout else None, "flip_fraction": flip_fraction,
     }
     given = {k: v for k, v in given.items() if v is not None}
     if resume is not None:

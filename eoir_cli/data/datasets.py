@@ -272,16 +272,61 @@ def _synth_training_data(config: TrainConfig) -> TrainingData:
     shape = tuple(config.shape or SYNTH_DEFAULT_SHAPE)
     root = Path(config.data_dir) if config.data_dir else default_synth_root()
     synth = SynthConfig(shape=shape, real_fraction=config.real_fraction,  # type: ignore[arg-type]
-                        shapes_fraction=config.shapes_fraction)
+                        shapes_fraction=config.shapes_fraction, flip_fraction=config.flip_fraction)
     # Training pairs are synthesised directly at the network size: generating at full size only to
     # downsample costs ~15x more per pair. Validation pairs stay full size (the model resamples them).
     scale = config.model_config().input_scale
     net_shape = tuple(int(round(s * scale)) for s in shape)
     train_synth = dataclasses.replace(synth, shape=net_shape) if net_shape != shape else synth
-    train = SynthPairs(train_synth, root, seed=config.seed, length=SYNTH_EPOCH)
-    val_set = SynthPairs(synth, root, seed=VAL_SEED)
-    val = [val_set[i] for i in range(config.val_pairs)]
+    train = SynthPairs(train_synth, root, seed=config.seed, length=SYNTH_EPOCH, exclude=config.holdout)
+    if config.holdout:
+        if root is None:
+            raise DatasetError("--holdout: expected --data-dir with real labelled images to hold out, got none")
+        val = holdout_pairs(root, config.holdout, shape)  # type: ignore[arg-type]
+    else:
+        val_set = SynthPairs(synth, root, seed=VAL_SEED)
+        val = [val_set[i] for i in range(config.val_pairs)]
     return TrainingData(train, SYNTH_EPOCH, val, train.num_classes, shape)  # type: ignore[arg-type]
+
+
+def holdout_pairs(root: Path, holdout: Sequence[str], shape: tuple[int, int, int]) -> list[dict[str, torch.Tensor]]:
+    """Validation pairs of held-out subjects: every other labelled image registered to each held-out one.
+
+    The held-out subject is the fixed image (as in the shared evaluation pairs). Labels keep their
+    original values, restricted to the manifest's ``labels_eval`` when a ``*_dataset.json`` beside the
+    images lists them (the challenge rule), so the validation Dice is the evaluation Dice. Images are
+    scaled by /255 (uint8 brains).
+    """
+    from eoir_cli.data.synth import _read_array, find_label_maps
+
+    _, reals = find_label_maps(Path(root))
+    labelled = [(img, lab) for img, lab, _ in reals if lab is not None]
+    held = [r for r in labelled if any(h in r[0].name for h in holdout)]
+    others = [r for r in labelled if r not in held]
+    if not held or not others:
+        raise DatasetError(f"--holdout {list(holdout)}: expected labelled images under {root} whose names contain "
+                           f"it and at least one other, got {len(held)} held out of {len(labelled)}")
+    keep: np.ndarray | None = None
+    for manifest in sorted(Path(root).glob("*/*_dataset.json")):
+        values = _read_json(manifest).get("labels_eval")
+        if values:
+            keep = np.asarray(sorted(int(v) for v in values))
+            break
+    record = {}
+    for img, lab in held + others:
+        image = _read_array(img).astype(np.float32) / 255.0
+        labels = _read_array(lab).astype(np.int64)
+        if keep is not None:
+            labels = np.where(np.isin(labels, keep), labels, 0)
+        record[img] = (_to_shape(torch.from_numpy(image)[None], shape, "trilinear"),
+                       _to_shape(torch.from_numpy(labels), shape, "nearest"))
+    pairs = []
+    for first in held:
+        for second in others:
+            pairs.append({"fixed": record[first[0]][0], "moving": record[second[0]][0],
+                          "fixed_labels": record[first[0]][1], "moving_labels": record[second[0]][1],
+                          "has_labels": torch.tensor(True)})
+    return pairs
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,9 @@ class SynthConfig:
         noise_max: maximum standard deviation of the additive Gaussian noise (intensity units).
         gamma_std: standard deviation of the log gamma exponent.
         background_zero: probability that label 0 gets intensity 0 (skull-stripped look).
+        flip_fraction: probability that a label-map pair is mirrored along the first (left-right)
+            axis, both images together (a mirrored brain is still a plausible brain; mirroring one
+            image alone would ask the network for a left-right swap).
     """
 
     shape: tuple[int, int, int] = (160, 224, 192)
@@ -73,11 +77,12 @@ class SynthConfig:
     noise_max: float = 0.05
     gamma_std: float = 0.25
     background_zero: float = 0.5
+    flip_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or min(self.shape) < 2:
             raise ValueError(f"synth shape: expected 3 sizes >= 2, got {self.shape}")
-        for name in ("shapes_fraction", "real_fraction", "background_zero"):
+        for name in ("shapes_fraction", "real_fraction", "background_zero", "flip_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}: expected a probability in [0, 1], got {value}")
@@ -126,11 +131,13 @@ def _resize_image(image: np.ndarray, shape: tuple[int, int, int]) -> torch.Tenso
     return t[0].clamp(0.0, 1.0)
 
 
-def find_label_maps(root: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, Path | None, str | None]]]:
+def find_label_maps(root: Path, exclude: Sequence[str] = ()
+                    ) -> tuple[list[tuple[Path, str]], list[tuple[Path, Path | None, str | None]]]:
     """Label maps and real images under ``root``.
 
     Recognised layouts: the shared sample data (``brain_lumirlike/{imagesTr,labelsTr}`` and
     ``brain_template/``), or any directory of label maps (``labelsTr/*.nii.gz`` or ``*.nii.gz``).
+    Files whose name contains one of ``exclude`` (held-out subjects) are left out.
 
     Returns:
         ``(label maps as (path, table), real images as (image path, label path or None, table))``.
@@ -157,6 +164,12 @@ def find_label_maps(root: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path
     if not maps:
         raise EoirError(f"synth --data-dir {root}: expected label maps (*.nii.gz, labelsTr/ or brain_lumirlike/), "
                         "found none")
+    held = [h for h in exclude if h]
+    if held:
+        maps = [(p, t) for p, t in maps if not any(h in p.name for h in held)]
+        reals = [r for r in reals if not any(h in r[0].name for h in held)]
+        if not maps:
+            raise EoirError(f"synth --holdout {list(held)}: every label map under {root} is held out")
     return maps, reals
 
 
@@ -239,12 +252,14 @@ class SynthPairs(torch.utils.data.Dataset):
         root: directory of label maps (see :func:`find_label_maps`); ``None`` = random shapes only.
         seed: base seed; sample ``i`` uses ``torch.Generator().manual_seed(hash(seed, i))``.
         length: nominal length (``len()``), any index is valid.
+        exclude: held-out subjects: label maps and images whose file name contains one of these.
 
     Each item is a dict: ``moving``/``fixed`` ``(1, D, H, W)`` float32 in [0, 1],
     ``moving_labels``/``fixed_labels`` ``(D, H, W)`` int64 classes, ``has_labels`` bool tensor.
     """
 
-    def __init__(self, config: SynthConfig, root: Path | None = None, seed: int = 0, length: int = 1000) -> None:
+    def __init__(self, config: SynthConfig, root: Path | None = None, seed: int = 0, length: int = 1000,
+                 exclude: Sequence[str] = ()) -> None:
         self.config = config
         self.seed = int(seed)
         self.length = int(length)
@@ -252,7 +267,7 @@ class SynthPairs(torch.utils.data.Dataset):
         self.reals: list[_RealImage] = []
         tables: dict[str, dict[int, int]] = {SHAPES_TABLE: {i: i for i in range(config.num_shape_labels)}}
         if root is not None:
-            maps, reals = find_label_maps(Path(root))
+            maps, reals = find_label_maps(Path(root), exclude)
             raw = [(p, table, _read_array(p)) for p, table in maps]
             for _, table, data in raw:
                 ids = tables.setdefault(table, {0: 0})
@@ -314,6 +329,9 @@ class SynthPairs(torch.utils.data.Dataset):
             same = [s for s in self.sources if s.table == first.table]
             second = same[int(torch.randint(len(same), (), generator=gen))]
             moving_src, fixed_src = first.labels, second.labels
+            # Drawn only when enabled, so runs without flips keep their exact sample stream.
+            if self.config.flip_fraction > 0 and float(torch.rand((), generator=gen)) < self.config.flip_fraction:
+                moving_src, fixed_src = moving_src.flip(0), fixed_src.flip(0)
         moving_labels = self._deform_labels(moving_src, gen)
         fixed_labels = self._deform_labels(fixed_src, gen)
         return {
