@@ -129,14 +129,17 @@ class EOIR(nn.Module):
         # Under autocast the geometry stays fp32: a bf16 sampling position is off by up to 0.25 voxel at
         # index 32-64 and 1 voxel at ~200, and squaring compounds it (bf16 training hit NaN at 32^3).
         device_type = moving.device.type
-        fp32 = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+        autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)  # not on "meta"
+        fp32 = torch.autocast(device_type, enabled=False) if autocast else nullcontext()
         for level in reversed(range(levels)):
             if up is None:
                 moving_features = xs[level]
             else:
                 with fp32:
-                    moving_features = warp(xs[level].float(), up, self.sampler)
-            velocity = self.estimators[level](moving_features, ys[level]).float()
+                    moving_features = warp(xs[level].float() if autocast else xs[level], up, self.sampler)
+            velocity = self.estimators[level](moving_features, ys[level])
+            if autocast:
+                velocity = velocity.float()
             with fp32:
                 disp = integrate(velocity, self.config.int_steps, self.sampler)
                 if up is not None:
