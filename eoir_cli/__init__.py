@@ -4,6 +4,7 @@ Public API (imported lazily so ``eoir --help`` stays instant)::
 
     from eoir_cli import register, register_pairs, read_pair_list      # the pipeline
     from eoir_cli import open_backend, run_pair                          # a model on one pair
+    from eoir_cli import Deployment, Normalization, normalize           # what a model file says about its inputs
     from eoir_cli import load_model, save_checkpoint, ModelConfig, TrainConfig, PRESETS
     from eoir_cli import warp, integrate, compose, train, evaluate, run_bench
 """
@@ -39,6 +40,9 @@ _LAZY = {
     "load_backend": "eoir_cli.backends",
     "Backend": "eoir_cli.backends",
     "run_pair": "eoir_cli.inference",
+    "Deployment": "eoir_cli.deployment",
+    "Normalization": "eoir_cli.deployment",
+    "normalize": "eoir_cli.deployment",
     "train": "eoir_cli.train",
     "evaluate": "eoir_cli.evaluate",
     "run_bench": "eoir_cli.bench",

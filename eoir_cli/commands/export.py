@@ -27,7 +27,7 @@ def export_command(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output .onnx path (default: MODEL.onnx "
                                                                        "in the current directory).")] = None,
     shape: Annotated[tuple[int, int, int] | None, typer.Option(
-        help="Input size D H W in voxels (default: the checkpoint's training size, else 160 224 192).")] = None,
+        help="Input size D H W in voxels (default: the grid the model file records, else 160 224 192).")] = None,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Leave D, H, W symbolic (multiples of the pyramid "
                                                             "divisor); --shape is the example size.")] = False,
     sampler: Annotated[ExportSamplerChoice, typer.Option(
@@ -69,11 +69,11 @@ def export_command(
     net = load_model(model, device="cpu")
     info = getattr(net, "checkpoint_info", {}) or {}
     from eoir_cli.config import LUMIR_SHAPE
+    from eoir_cli.deployment import deployment_of
 
-    size = tuple(shape) if shape else tuple(info.get("grid_size") or LUMIR_SHAPE)
+    size = tuple(shape) if shape else tuple(deployment_of(info).grid or LUMIR_SHAPE)
     pair = None
     if verify and verify_with:
-        from eoir_cli.deployment import deployment_of
         from export.onnx_export import pair_from_files
 
         pair = pair_from_files(verify_with[0], verify_with[1], size, deployment_of(info).normalization)
