@@ -8,10 +8,11 @@ both ways as ITK/ANTs displacement fields (LPS mm, see :mod:`eoir_cli.itk`):
 
 Direction convention: *forward* moves things from the moving space into the fixed space, the
 direction of ``warped.nii.gz``, for images and points alike. An image is pulled back through the
-field that lives on the target grid (forward: ``warp_itk``); a point is pushed through the field
-that lives on its own side (forward: the inverse field, sampled at the point). This is the
-opposite of ``antsApplyTransformsToPoints``, which maps a point through the field it is given,
-so ``-t warp_itk.nii.gz`` moves fixed points into the moving space (``eoir apply --inverse``).
+field that lives on the target grid (forward: ``warp_itk``). A point moves the other way round a
+field: forward, ``q`` goes to the ``p`` with ``p + d(p) = q`` (solved per point); ``inverse`` to
+``p + d(p)``. ``antsApplyTransformsToPoints -t warp_itk.nii.gz`` computes the latter, so it
+moves fixed points into the moving space (``eoir apply --inverse``); ANTs' forward equivalent is
+``-t inverse_warp_itk.nii.gz``.
 
 Images may have any grid of their own as long as they live in the source space (the moving
 scan's physical space for forward, the fixed scan's for ``inverse``); the output is on the
@@ -243,8 +244,8 @@ def apply_to_image(
 def invert_points(field: Field, targets_ras: np.ndarray, iterations: int = 50, tolerance: float = 1e-4) -> np.ndarray:
     """Points ``p`` with ``p + d(p) = q`` for ``(n, 3)`` RAS mm ``q`` (Newton, numerical Jacobian).
 
-    Used for points when only the forward field is at hand (a single field file): solving per
-    point is exact to ``tolerance`` mm and costs nothing for a few thousand landmarks.
+    Solving per point is exact to ``tolerance`` mm (where the field does not fold) and costs
+    milliseconds for thousands of landmarks.
     """
     p = targets_ras.copy()
     h = 0.5 * float(np.min(np.linalg.norm(field.affine[:3, :3], axis=0)))
@@ -266,19 +267,16 @@ def map_points(transform: SavedTransform | str | os.PathLike[str], points_ras: n
                inverse: bool = False) -> np.ndarray:
     """Map ``(n, 3)`` RAS mm points from the moving space to the fixed space (``inverse``: back).
 
-    Forward uses the inverse field (it lives on the moving side, where the points are); without
-    one (a single field file) the forward field is inverted at each point by Newton's method.
+    Both directions use the forward field (``warp_itk.nii.gz``, on the fixed grid): ``inverse``
+    is ``p + d(p)``; forward solves ``p + d(p) = q`` per point (:func:`invert_points`), so a round
+    trip returns to 1e-4 mm whatever the grids' resolutions. (The inverse field would do too,
+    but its interpolation between moving voxels costs accuracy where the moving grid is coarse.)
     """
     if not isinstance(transform, SavedTransform):
         transform = open_transform(transform)
     points_ras = np.asarray(points_ras, dtype=np.float64).reshape(-1, 3)
     if inverse:
-        if transform.inverse is None and transform.source.is_file():
-            raise EoirError(f"{transform.source}: a single field maps points one way; pass the registration "
-                            "folder for --inverse")
         return transform.forward.map_points(points_ras)
-    if transform.inverse is not None:
-        return transform.inverse.map_points(points_ras)
     return invert_points(transform.forward, points_ras)
 
 

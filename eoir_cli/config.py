@@ -258,6 +258,7 @@ class PipelineDefaults:
     refine_weight: float = 2.0
     refine_window: int = 5
     refine_int_steps: int = 4
+    inverse: bool = True
 
 
 PIPELINE = PipelineDefaults()

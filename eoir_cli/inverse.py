@@ -129,10 +129,10 @@ def _polish(disp: torch.Tensor, inverse: torch.Tensor, iterations: int, toleranc
         residual = float(f.abs().max())
         if residual <= tolerance:
             return inverse, k - 1, residual
-        grads = spatial_gradient(inverse)  # grads[j][:, i] = d w_i / d y_j
-        step = torch.stack([f[:, i] + sum(grads[j][:, i] * f[:, j] for j in range(3)) for i in range(3)], 1)
-        del grads
-        inverse = inverse - step
+        jac = inverse_gradient(inverse)
+        inverse = inverse - torch.stack([f[:, i] + sum(jac[:, 3 * i + j] * f[:, j] for j in range(3))
+                                         for i in range(3)], 1)
+        del jac
     return inverse, iterations, residual
 
 
@@ -185,6 +185,37 @@ def invert_disp(
     log.debug("invert_disp: iterations %s, max residual %.4g voxels", counts, residual)
     assert inverse is not None
     return Inversion(inverse, counts, residual)
+
+
+def inverse_gradient(inverse: torch.Tensor) -> torch.Tensor:
+    """``∇w`` as 9 channels ``(N, 9, D, H, W)``, row-major: channel ``3 i + j`` is ``∂w_i/∂y_j``."""
+    grads = spatial_gradient(inverse)  # grads[j][:, i] = d w_i / d y_j
+    return torch.stack([grads[j][:, i] for i in range(3) for j in range(3)], 1)
+
+
+def invert_at(disp: torch.Tensor, inverse: torch.Tensor, gradient: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """The inverse at arbitrary points ``y``: ``w(y)`` interpolated, then one Newton step there.
+
+    Interpolating ``w`` between grid points costs accuracy where ``disp`` compresses (``w``
+    stretches): on the sample brains ~0.06 voxels mean at off-grid points against 0.006 at grid
+    points. One step ``w <- w - (I + ∇w) (w + disp(y + w))`` at the points themselves brings it
+    back to ~0.008; ``∇w`` is taken at the nearest grid point (as good as trilinear here, and a
+    nearest sample of 9 channels costs less than a trilinear one).
+
+    Args:
+        disp: ``(1, 3, D, H, W)`` the forward displacement (voxels).
+        inverse: ``(1, 3, D, H, W)`` its inverse on the same grid (:func:`invert_disp`).
+        gradient: ``(1, 9, D, H, W)`` :func:`inverse_gradient` of ``inverse``.
+        points: ``(1, 3, ...)`` voxel positions of the grid.
+
+    Returns:
+        ``(1, 3, ...)`` the inverse displacement at ``points`` (voxels).
+    """
+    w = sample_border(inverse, points)
+    f = w + sample_border(disp, points + w)
+    grid = index_to_normalized(points, gradient.shape[2:]).to(gradient.dtype)
+    jac = F.grid_sample(gradient, grid, mode="nearest", padding_mode="border", align_corners=True)
+    return w - torch.stack([f[:, i] + sum(jac[:, 3 * i + j] * f[:, j] for j in range(3)) for i in range(3)], 1)
 
 
 def invert_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:

@@ -27,6 +27,7 @@ from eoir_cli.io import Volume, save_volume
 from eoir_cli.preprocess import NetworkGrid
 
 OUTPUT_NAMES = ("warped.nii.gz", "disp.nii.gz", "warp_itk.nii.gz", "warped_seg.nii.gz", "jacobian.nii.gz",
+                "inverse_warped.nii.gz", "inverse_disp.nii.gz", "inverse_warp_itk.nii.gz", "affine_itk.txt",
                 "metrics.json", "qc.png")
 DONE_MARKER = "metrics.json"  # written last: its presence means the pair finished
 
@@ -46,6 +47,12 @@ class RegistrationResult:
         grid: the network grid.
         metrics: what ``metrics.json`` holds.
         paths: output name -> path (empty without ``out_dir``).
+        qc_png: the QC picture (PNG bytes) or None.
+        inverse_warped: ``(D', H', W')`` float32 fixed image resampled onto the moving grid (None
+            without the inverse).
+        inverse_disp: ``(D', H', W', 3)`` float32 voxels on the moving grid: fixed voxel index
+            sampled minus moving voxel index.
+        inverse_warp_itk: ``(D', H', W', 3)`` float32 ITK displacement of the inverse, LPS mm, moving grid.
     """
 
     warped: np.ndarray
@@ -59,6 +66,9 @@ class RegistrationResult:
     metrics: dict[str, Any]
     paths: dict[str, Path] = field(default_factory=dict)
     qc_png: bytes | None = None
+    inverse_warped: np.ndarray | None = None
+    inverse_disp: np.ndarray | None = None
+    inverse_warp_itk: np.ndarray | None = None
 
 
 @contextmanager
@@ -86,7 +96,8 @@ def check_outputs_are_not_inputs(out_dir: Path, inputs: Sequence[Volume | None],
 
 
 def write_outputs(out_dir: Path, result: RegistrationResult, fixed: Volume, mseg: Volume | None,
-                  names: Sequence[str], lumir: bool, finish_metrics: Callable[[], None]) -> dict[str, Path]:
+                  names: Sequence[str], lumir: bool, finish_metrics: Callable[[], None],
+                  moving: Volume | None = None) -> dict[str, Path]:
     """Write every output of ``result`` on the fixed grid (see the module docstring for the order).
 
     Args:
@@ -97,12 +108,13 @@ def write_outputs(out_dir: Path, result: RegistrationResult, fixed: Volume, mseg
         names: output file names (``OUTPUT_NAMES`` plus the LUMIR submission name with ``lumir``).
         lumir: also write ``names[-1]`` (a copy of ``disp.nii.gz``, the LUMIR submission field).
         finish_metrics: called just before ``metrics.json`` is written (to stamp total timings).
+        moving: the moving volume (affine and header of the inverse outputs, on its grid).
 
     Returns:
         Output name -> final path.
     """
     from eoir_cli.fileio import write_json_atomic
-    from eoir_cli.itk import save_itk_displacement
+    from eoir_cli.itk import save_itk_affine, save_itk_displacement
 
     paths: dict[str, Path] = {}
     with staging(out_dir) as stage:
@@ -115,6 +127,12 @@ def write_outputs(out_dir: Path, result: RegistrationResult, fixed: Volume, mseg
             dtype = mseg.header.get_data_dtype() if mseg.header is not None else np.int32
             dtype = dtype if np.dtype(dtype).kind in "iu" else np.int32
             save_volume(stage / "warped_seg.nii.gz", result.warped_seg, fixed.affine, hdr, dtype)
+        save_itk_affine(stage / "affine_itk.txt", result.affine)
+        if moving is not None and result.inverse_disp is not None:
+            mhdr = moving.header
+            save_volume(stage / "inverse_warped.nii.gz", result.inverse_warped, moving.affine, mhdr, np.float32)
+            save_volume(stage / "inverse_disp.nii.gz", result.inverse_disp, moving.affine, mhdr, np.float32)
+            save_itk_displacement(stage / "inverse_warp_itk.nii.gz", result.inverse_warp_itk, moving.affine, mhdr)
         if lumir:
             shutil.copyfile(stage / "disp.nii.gz", stage / names[-1])
         if result.qc_png is not None:

@@ -146,6 +146,7 @@ def register(
     hd95: bool = True,
     qc: bool = True,
     labels: Sequence[int] | None = None,
+    inverse: bool = PIPELINE.inverse,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and (with ``out_dir``) write every output atomically.
 
@@ -185,6 +186,8 @@ def register(
         labels: label values scored by Dice/HD95 (default: every non-zero label in either map;
             see :func:`eoir_cli.metrics.scored_labels`).
         qc: draw ``qc.png``.
+        inverse: also compute the inverse transform (``inverse_*.nii.gz`` on the moving grid) and
+            its inverse consistency (``metrics.json``).
 
     Returns:
         A :class:`RegistrationResult`.
@@ -292,6 +295,15 @@ def register(
         native = compose_to_native(fixed_v, moving_v, grid, network_disp, transform, moving01,
                                    mseg.data if mseg is not None else None)
         jacobian = physical_jacobian(native.disp, fixed_v.affine, moving_v.affine)
+    inverse_maps = inversion = None
+    if inverse:
+        with timer("inverse"):
+            from eoir_cli.composition import compose_inverse_to_native
+            from eoir_cli.inverse import invert_disp
+
+            inversion = invert_disp(torch.from_numpy(network_disp)[None])
+            inverse_maps = compose_inverse_to_native(fixed_v, moving_v, grid, network_disp,
+                                                     inversion.inverse[0].numpy(), transform)
     with timer("metrics"):
         from eoir_cli import metrics
 
@@ -299,6 +311,12 @@ def register(
         seg_stats = (_seg_metrics(native.before_seg, native.warped_seg, fseg.data, mseg.data, fixed_v.spacing, hd95,
                                   labels)
                      if fseg is not None and mseg is not None and native.warped_seg is not None else None)
+        if inverse_maps is not None and inversion is not None:
+            # Foreground as the network grid's planning sees it (preprocess.foreground_bbox: > 0.05).
+            consistency = metrics.inverse_consistency(native.disp, fixed_v.affine, fixed01 > 0.05,
+                                                      inverse_maps.disp, moving_v.affine, moving01 > 0.05)
+            consistency["method"] = "newton"
+            consistency["iterations"] = inversion.iterations
     png = None
     if qc:
         with timer("qc"):
@@ -328,17 +346,23 @@ def register(
     }
     if seg_stats is not None:
         result_metrics["segmentation"] = seg_stats
+    if inverse_maps is not None:
+        result_metrics["inverse_consistency"] = consistency
     result = RegistrationResult(
         warped=native.warped, disp=native.disp, warp_itk=native.warp_itk, jacobian=jacobian,
         warped_seg=native.warped_seg, affine=transform, network_disp=network_disp, grid=grid,
         metrics=result_metrics, qc_png=png,
+        inverse_warped=inverse_maps.warped if inverse_maps is not None else None,
+        inverse_disp=inverse_maps.disp if inverse_maps is not None else None,
+        inverse_warp_itk=inverse_maps.warp_itk if inverse_maps is not None else None,
     )
     def stamp_timings() -> None:
         result_metrics["timings_s"] = dict(timer.times, total=round(time.perf_counter() - t_start, 4))
 
     if out_dir is not None:
         with timer("write"):
-            result.paths = write_outputs(Path(out_dir), result, fixed_v, mseg, names, lumir, stamp_timings)
+            result.paths = write_outputs(Path(out_dir), result, fixed_v, mseg, names, lumir, stamp_timings,
+                                         moving_v)
     else:
         stamp_timings()
     return result

@@ -181,7 +181,8 @@ def test_batch_scores_the_manifest_labels_eval(pair: dict[str, Path], tiny_model
 def test_outputs_exist_with_documented_layout(registered: Path, pair: dict[str, Path]) -> None:
     names = sorted(p.name for p in registered.iterdir())
     assert names == sorted(["warped.nii.gz", "disp.nii.gz", "warp_itk.nii.gz", "warped_seg.nii.gz",
-                            "jacobian.nii.gz", "metrics.json", "qc.png"])
+                            "jacobian.nii.gz", "metrics.json", "qc.png", "inverse_warped.nii.gz",
+                            "inverse_disp.nii.gz", "inverse_warp_itk.nii.gz", "affine_itk.txt"])
     fixed = nib.load(str(pair["fixed"]))
     for name, shape in (("warped", fixed.shape), ("disp", fixed.shape + (3,)), ("warp_itk", fixed.shape + (1, 3)),
                         ("jacobian", fixed.shape), ("warped_seg", fixed.shape)):
@@ -189,6 +190,13 @@ def test_outputs_exist_with_documented_layout(registered: Path, pair: dict[str, 
         assert img.shape == shape, name
         np.testing.assert_allclose(img.affine, fixed.affine, atol=1e-4)
     assert int(nib.load(str(registered / "warp_itk.nii.gz")).header["intent_code"]) == 1007
+    moving = nib.load(str(pair["moving"]))
+    for name, shape in (("inverse_warped", moving.shape), ("inverse_disp", moving.shape + (3,)),
+                        ("inverse_warp_itk", moving.shape + (1, 3))):
+        img = nib.load(str(registered / f"{name}.nii.gz"))
+        assert img.shape == shape, name
+        np.testing.assert_allclose(img.affine, moving.affine, atol=1e-4)
+    assert int(nib.load(str(registered / "inverse_warp_itk.nii.gz")).header["intent_code"]) == 1007
     assert (registered / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((registered / "metrics.json").read_text())
     assert {"backend", "device", "timings_s", "field", "segmentation"} <= set(metrics)
@@ -196,6 +204,9 @@ def test_outputs_exist_with_documented_layout(registered: Path, pair: dict[str, 
     assert {"ndv_percent", "jac_nonpos_percent", "sdlogj", "grid"} == set(metrics["field"])
     # the two "% |J| <= 0" figures each say which grid they are on
     assert "network grid" in metrics["field"]["grid"] and "native grid" in metrics["jacobian_native"]["grid"]
+    consistency = metrics["inverse_consistency"]
+    for direction in ("fixed_to_moving_to_fixed", "moving_to_fixed_to_moving"):
+        assert {"mean_mm", "p95_mm", "max_mm", "fraction_inside"} <= set(consistency[direction])
 
 
 def test_orientation_spacing_round_trip_recovers_the_anatomy(registered: Path, pair: dict[str, Path]) -> None:
@@ -233,6 +244,86 @@ def test_warp_itk_applied_with_simpleitk_reproduces_warped(registered: Path, pai
     identity = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.Transform(3, sitk.sitkIdentity),
                                                     sitk.sitkLinear, 0.0))
     assert _corr(identity, warped) < match - 0.05
+
+
+def test_apply_to_the_moving_image_reproduces_warped(registered: Path, pair: dict[str, Path]) -> None:
+    from eoir_cli.apply import apply_to_image
+
+    # The moving image is LPS-ordered, anisotropic, oblique and cropped: its own grid, not the fixed one.
+    warped = nib.load(str(registered / "warped.nii.gz")).get_fdata()
+    again = apply_to_image(registered, pair["moving"]).data
+    scale = float(np.abs(warped).max())
+    np.testing.assert_allclose(again, warped, rtol=0, atol=1e-4 * scale)
+    labels = nib.load(str(registered / "warped_seg.nii.gz")).get_fdata()
+    np.testing.assert_array_equal(apply_to_image(registered, pair["moving_seg"], interp="nearest").data, labels)
+
+
+def test_inverse_warped_is_the_fixed_image_on_the_moving_grid(registered: Path, pair: dict[str, Path]) -> None:
+    from eoir_cli.apply import apply_to_image
+
+    inverse_warped = nib.load(str(registered / "inverse_warped.nii.gz")).get_fdata()
+    moving = nib.load(str(pair["moving"])).get_fdata()
+    inside = inverse_warped > 0
+    assert _corr(inverse_warped, moving, inside) > 0.9  # the fixed anatomy lands on the moving one
+    again = apply_to_image(registered, pair["fixed"], inverse=True).data
+    scale = float(np.abs(inverse_warped).max())
+    np.testing.assert_allclose(again, inverse_warped, rtol=0, atol=1e-4 * scale)
+
+
+def test_simpleitk_applying_the_inverse_field_reproduces_inverse_warped(registered: Path,
+                                                                        pair: dict[str, Path]) -> None:
+    sitk = pytest.importorskip("SimpleITK")
+    field = sitk.ReadImage(str(registered / "inverse_warp_itk.nii.gz"), sitk.sitkVectorFloat64)
+    transform = sitk.DisplacementFieldTransform(field)
+    moving = sitk.ReadImage(str(pair["moving"]), sitk.sitkFloat32)
+    fixed = sitk.ReadImage(str(pair["fixed"]), sitk.sitkFloat32)
+    out = sitk.GetArrayFromImage(sitk.Resample(fixed, moving, transform, sitk.sitkLinear, 0.0))
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(registered / "inverse_warped.nii.gz"), sitk.sitkFloat32))
+    match = _corr(out, ours)
+    assert match > 0.99
+    identity = sitk.GetArrayFromImage(sitk.Resample(fixed, moving, sitk.Transform(3, sitk.sitkIdentity),
+                                                    sitk.sitkLinear, 0.0))
+    assert _corr(identity, ours) < match - 0.05
+
+
+def test_affine_itk_file_holds_the_affine_of_metrics(registered: Path) -> None:
+    sitk = pytest.importorskip("SimpleITK")
+    tx = sitk.ReadTransform(str(registered / "affine_itk.txt"))
+    affine = np.array(json.loads((registered / "metrics.json").read_text())["affine_ras"])
+    assert not np.allclose(affine, np.eye(4), atol=1e-2)  # the rigid motion was found
+    p = np.array([12.0, -30.0, 20.0])
+    q = np.array(tx.TransformPoint(tuple((p * [-1, -1, 1]).tolist()))) * [-1, -1, 1]
+    np.testing.assert_allclose(q, affine[:3, :3] @ p + affine[:3, 3], atol=1e-5)
+
+
+def test_inverse_is_consistent_and_points_round_trip(registered: Path, pair: dict[str, Path]) -> None:
+    from eoir_cli.apply import map_points
+
+    consistency = json.loads((registered / "metrics.json").read_text())["inverse_consistency"]
+    # Moving voxel -> fixed (exact at the moving voxel) -> moving (the forward field between 4 mm
+    # fixed voxels): a twentieth of a voxel on average.
+    assert consistency["moving_to_fixed_to_moving"]["mean_mm"] < 0.2, consistency
+    # The other way interpolates the inverse field between the moving voxels (3 x 5 x 4 mm, oblique):
+    # bounded by a quarter of the coarsest of them.
+    assert consistency["fixed_to_moving_to_fixed"]["mean_mm"] < 1.25, consistency
+    assert min(c["fraction_inside"] for k, c in consistency.items() if k.endswith("_to_fixed") or
+               k.endswith("_to_moving")) > 0.5
+    fixed = nib.load(str(pair["fixed"]))
+    rng = np.random.default_rng(0)
+    idx = rng.uniform(8, np.array(fixed.shape) - 8, size=(30, 3))
+    points = idx @ fixed.affine[:3, :3].T + fixed.affine[:3, 3]  # fixed-space points
+    there = map_points(registered, points, inverse=True)  # fixed -> moving
+    assert np.abs(there - points).max() > 2.0  # the 7° / 6 mm motion moves them
+    back = map_points(registered, there)  # moving -> fixed
+    assert np.abs(back - points).max() < 1e-3
+
+
+def test_no_inverse_writes_no_inverse_outputs(pair: dict[str, Path], tmp_path: Path) -> None:
+    result = register(pair["fixed"], pair["moving"], tmp_path / "out", model=IdentityNetwork(), spacing=SPACING,
+                      refine=0, inverse=False, qc=False)
+    assert result.inverse_disp is None and "inverse_consistency" not in result.metrics
+    assert not any(p.name.startswith("inverse_") for p in (tmp_path / "out").iterdir())
+    assert (tmp_path / "out" / "affine_itk.txt").is_file()
 
 
 def test_refine_recovers_a_known_smooth_deformation(shared_data: Path) -> None:

@@ -71,15 +71,19 @@ def register_command(
     labels: Annotated[str | None, typer.Option(help="Label values scored by Dice/HD95, e.g. 2,3,41 "
                                                "(default: a --pairs manifest's labels_eval, else every "
                                                "non-zero label in either map).")] = None,
+    inverse: Annotated[bool, typer.Option("--inverse/--no-inverse", help="Also write the inverse transform "
+                                          "(inverse_*.nii.gz on the moving grid) and its inverse consistency."
+                                          )] = PIPELINE.inverse,
 ) -> None:
-    """Register MOVING to FIXED; write warped, disp, warp_itk, warped_seg, jacobian, metrics.json, qc.png.
+    """Register MOVING to FIXED; write warped, disp, warp_itk, warped_seg, jacobian, the inverse, metrics, qc.png.
 
     Example: eoir register fixed.nii.gz moving.nii.gz -o out/ --moving-seg moving_seg.nii.gz --refine 20
 
     Batch:   eoir register --pairs data/LUMIR_dataset.json -o out/ --lumir
     """
     options = dict(affine=affine, refine=refine, lumir=lumir, spacing=spacing, window=parse_window(window),
-                   hd95=not no_hd95, labels=parse_labels(labels), fit_grid=fit_grid, allow_mismatch=allow_mismatch)
+                   hd95=not no_hd95, labels=parse_labels(labels), fit_grid=fit_grid, allow_mismatch=allow_mismatch,
+                   inverse=inverse)
     if pairs is not None:
         if fixed is not None or moving is not None:
             raise fail("give either FIXED MOVING or --pairs, not both")
