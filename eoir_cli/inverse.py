@@ -1,4 +1,4 @@
-"""Inverting displacement fields: fixed-point inversion and the exact inverse of velocity fields.
+"""Inverting displacement fields: Newton's method for any field, and the inverse of velocity fields.
 
 Convention (that of :mod:`eoir_cli.spatial`): a displacement ``disp`` is ``(N, 3, D, H, W)`` in
 **voxels** of its own grid and stands for the pull-back map ``f(x) = x + disp(x)``. Its inverse is
@@ -6,15 +6,18 @@ returned in the same convention: ``g(y) = y + inverse(y)`` with ``f(g(y)) = y``.
 points a field is trilinear; beyond the grid it takes the value at the nearest border (the way
 ``eoir register`` extends the network's field), so ``f`` is defined everywhere.
 
-Two ways to invert, chosen by measurement (README, "The inverse transform"):
+Two ways to invert; ``eoir register`` uses the first, chosen by measurement (README, "The inverse
+transform"):
 
-* :func:`invert_disp`, for any field: the fixed-point iteration ``w <- -disp(y + w)``, which
-  converges where ``|∇disp| < 1`` (every diffeomorphism eoir produces is far inside that), run
-  coarse to fine so most iterations happen on a grid 8x smaller.
+* :func:`invert_disp`, for any field: Newton's method on ``w + disp(y + w) = 0``, coarse to fine
+  (most iterations on grids 4x and 2x coarser, 1-2 cheap steps at full size), then
+  :func:`invert_at` at the exact points where the inverse is needed. The plain fixed point
+  ``w <- -disp(y + w)`` diverges where ``|∇disp| > 1``, which the default pipeline's brain fields
+  reach (strong local compression, det(J) down to 0.05); Newton does not.
 * :func:`invert_velocity` / :func:`invert_pyramid`, for stationary velocity fields: ``exp(v)⁻¹ =
   exp(-v)``, and a pyramid ``φ = up(φ_coarse) ∘ exp(v)`` inverts as ``exp(-v) ∘ up(φ_coarse⁻¹)``.
-  Exact in the continuum; on the grid limited by scaling-and-squaring and by upsampling a field
-  (which does not commute with inversion).
+  Exact in the continuum; on the grid limited by scaling and squaring and by upsampling a field
+  (which does not commute with inversion): on the sample brains ~40x less accurate than Newton.
 """
 
 from __future__ import annotations
@@ -141,22 +144,29 @@ def invert_disp(
     iterations: int = 10,
     tolerance: float = 0.01,
     levels: int | None = None,
-    fine_iterations: int = 2,
+    polish_iterations: int = 3,
+    fine_iterations: int = 1,
 ) -> Inversion:
-    """Invert a displacement by Newton iterations, coarse to fine.
+    """Invert a displacement by Newton's method, coarse to fine.
 
-    On each level ``w <- w - (I + ∇disp(y + w))⁻¹ (w + disp(y + w))`` runs until no component of
-    ``f(g(y)) - y`` exceeds ``tolerance`` voxels (of that level) or for ``iterations`` steps; the
-    result, upsampled, starts the next finer level, where 1-2 steps remain (``fine_iterations``
-    caps the finest, the costly one).
+    The coarsest level runs full Newton steps ``w <- w - (I + ∇disp(y + w))⁻¹ (w + disp(y + w))``
+    (a 9-channel sample and a 3x3 solve per voxel, cheap on a grid 64x smaller); each finer level
+    starts from the upsampled result and runs :func:`_polish` steps, which take the Jacobian from
+    ``w`` itself for a third of the cost. A level stops when no component of ``f(g(y)) - y``
+    exceeds ``tolerance`` voxels (of that level) or at its cap.
+
+    Measured on the sample brains' default-pipeline fields (README, "The inverse transform"):
+    10 Newton steps at 1/4, 3 at 1/2 and 1 at full size leave ``|f(g(y)) - y|`` at ~0.01 voxels
+    on average in the brain, the same as 10 Newton steps at every level for a third of the time.
 
     Args:
         disp: ``(N, 3, D, H, W)`` voxels, a pull-back map that is invertible (no folding).
-        iterations: cap per coarse level.
+        iterations: cap of Newton steps at the coarsest level.
         tolerance: stop a level when ``max |f(g(y)) - y|`` (per component) is below this.
         levels: coarse levels below full resolution (each halves every axis); default: as many
             as keep the coarsest at 16 voxels per axis or more, at most 2.
-        fine_iterations: cap at full resolution.
+        polish_iterations: cap at the intermediate levels.
+        fine_iterations: cap at full resolution (the costly level).
 
     Returns:
         An :class:`Inversion`; ``max_residual`` is measured before the last step (an upper bound).
@@ -175,12 +185,11 @@ def invert_disp(
     with torch.no_grad():
         for k, level_size in enumerate(sizes):
             field = disp if level_size == size else resize_disp(disp, level_size)
-            start = -field if inverse is None else resize_disp(inverse, level_size)
-            cap = fine_iterations if k == len(sizes) - 1 else iterations
-            if k == len(sizes) - 1 and k > 0:
-                inverse, n, residual = _polish(field, start, cap, tolerance)
+            if inverse is None:
+                inverse, n, residual = _newton(field, -field, iterations, tolerance)
             else:
-                inverse, n, residual = _newton(field, start, cap, tolerance)
+                cap = fine_iterations if k == len(sizes) - 1 else polish_iterations
+                inverse, n, residual = _polish(field, resize_disp(inverse, level_size), cap, tolerance)
             counts.append(n)
     log.debug("invert_disp: iterations %s, max residual %.4g voxels", counts, residual)
     assert inverse is not None

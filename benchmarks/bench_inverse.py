@@ -1,0 +1,115 @@
+"""Accuracy and time of the inverse transform on the labelled sample brains.
+
+For each of the three ``SYNBRAIN_dataset.json`` test pairs of ``shared/data/brain_lumirlike``:
+
+1. the default pipeline (``eoir_cli.register``, bundled model, affine, refine 5) with the
+   inverse: forward registration time (load .. compose), inverse time (inversion on the network
+   grid + the inverse chain on the moving grid), and ``metrics.json``'s inverse consistency in the
+   brain (both directions, through the written fields);
+2. ``--compare``: the two ways to invert, on the network's own field (``--refine 0``, where the
+   exact velocity inverse exists): negated per-level velocities composed in reverse order
+   (:func:`eoir_cli.inverse.invert_pyramid`) against Newton (:func:`eoir_cli.inverse.invert_disp`),
+   scored by ``|f(g(y)) - y|`` at the brain's network voxels (voxels = mm here) and by time.
+
+Example:
+    python benchmarks/bench_inverse.py --compare --json benchmarks/results/inverse.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "brain_lumirlike"
+FORWARD_STAGES = ("load", "model", "preprocess", "affine", "network", "refine", "compose")
+
+
+def _pairs(data: Path) -> list[tuple[Path, Path]]:
+    spec = json.loads((data / "SYNBRAIN_dataset.json").read_text())
+    return [(data / e["fixed"].lstrip("./"), data / e["moving"].lstrip("./")) for e in spec["test"]]
+
+
+def pipeline(data: Path) -> list[dict[str, Any]]:
+    from eoir_cli.register import register
+
+    pairs = _pairs(data)
+    register(pairs[0][0], pairs[0][1], None, hd95=False, qc=False)  # warm-up (allocator, model load)
+    rows = []
+    for fixed, moving in pairs:
+        result = register(fixed, moving, None, hd95=False, qc=False)
+        t = result.metrics["timings_s"]
+        ic = result.metrics["inverse_consistency"]
+        rows.append({"pair": f"{fixed.name} <- {moving.name}",
+                     "forward_s": round(sum(t.get(k, 0.0) for k in FORWARD_STAGES), 3),
+                     "inverse_s": t["inverse"], "iterations": ic["iterations"],
+                     **{k: ic[k] for k in ("fixed_to_moving_to_fixed", "moving_to_fixed_to_moving")}})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def compare(data: Path) -> list[dict[str, Any]]:
+    import torch
+
+    from eoir_cli.affine import affine_align
+    from eoir_cli.checkpoint import load_model
+    from eoir_cli.inverse import inverse_residual, invert_disp, invert_pyramid
+    from eoir_cli.io import load_volume
+    from eoir_cli.preprocess import normalize_intensity, resample_affine
+    from eoir_cli.spatial import resize, resize_disp
+
+    model = load_model("default").eval()
+    rows = []
+    for fixed_path, moving_path in _pairs(data):
+        fixed, moving = load_volume(fixed_path), load_volume(moving_path)
+        f01, m01 = normalize_intensity(fixed.data), normalize_intensity(moving.data)
+        # These images are on the LUMIR grid, which is the network grid as it is.
+        transform = affine_align(f01, fixed.affine, m01, moving.affine)
+        m_net = resample_affine(m01, np.linalg.inv(moving.affine) @ transform @ fixed.affine, f01.shape)
+        size = f01.shape
+        ft, mt = (torch.from_numpy(np.ascontiguousarray(a))[None, None] for a in (f01, m_net))
+        with torch.no_grad():
+            small = model.network_size(size)
+            pyramid = model.forward_pyramid(resize(mt, size=small), resize(ft, size=small))
+            disp = resize_disp(pyramid.disps[0], size)
+            brain = torch.from_numpy(f01 > 0.05)
+            row: dict[str, Any] = {"pair": f"{fixed_path.name} <- {moving_path.name}"}
+            for name, fn in (("velocities", lambda: invert_pyramid(model, pyramid.velocities, size)),
+                             ("newton", lambda: invert_disp(disp).inverse)):
+                start = time.perf_counter()
+                inverse = fn()
+                seconds = time.perf_counter() - start
+                res = inverse_residual(disp, inverse)[0][brain]
+                row[name] = {"mean": float(res.mean()), "p95": float(torch.quantile(res[::7], 0.95)),
+                             "seconds": round(seconds, 3)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--compare", action="store_true", help="also compare velocities with Newton")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    import torch
+
+    out: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(),
+                                       "threads": torch.get_num_threads(), "torch": torch.__version__},
+                           "pipeline": pipeline(args.data)}
+    if args.compare:
+        out["compare"] = compare(args.data)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
