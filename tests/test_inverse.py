@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eoir_cli.config import ModelConfig
 from eoir_cli.inverse import inverse_residual, invert_disp, invert_pyramid, invert_velocity, sample_border
@@ -99,3 +101,14 @@ def test_spatial_gradient_matches_torch_gradient_and_keeps_autograd() -> None:
 def test_invert_disp_rejects_a_field_of_the_wrong_shape() -> None:
     with pytest.raises(ValueError, match=r"expected \(N, 3, D, H, W\), got shape \(1, 2, 4, 4, 4\)"):
         invert_disp(torch.zeros(1, 2, 4, 4, 4))
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10_000), amplitude=st.floats(0.2, 1.5))
+def test_inverse_of_any_smooth_diffeomorphism_is_its_inverse(seed: int, amplitude: float) -> None:
+    torch.manual_seed(seed)
+    disp = integrate(resize(torch.randn(1, 3, 3, 3, 3), size=(20, 20, 20)) * amplitude, 7)
+    if float(jacobian_determinant(disp).min()) <= 0.05:  # folds have no inverse
+        return
+    residual = inverse_residual(disp, invert_disp(disp, fine_iterations=3).inverse)[0, 2:-2, 2:-2, 2:-2]
+    assert float(residual.max()) < 0.02

@@ -43,8 +43,8 @@ def apply_command(
     """
     if out is None:
         raise fail("expected -o OUTPUT (an image .nii.gz, or a .csv with --points)")
-    if (image is None) == (points is None):
-        raise fail("give either IMAGE or --points CSV")
+    if image is not None and points is not None:
+        raise fail("give either IMAGE or --points CSV, not both")
     if out.exists() and not overwrite:
         raise fail(f"{out} exists; choose another -o or pass --overwrite")
     from eoir_cli.apply import apply_to_image, apply_to_points, open_transform
@@ -61,10 +61,11 @@ def apply_command(
         return
     from eoir_cli.io import is_nifti_path, save_volume
 
+    if image is None:
+        raise fail("expected IMAGE (or --points CSV); see eoir apply --help")
     if not is_nifti_path(out):
         raise fail(f"-o {out}: expected a .nii or .nii.gz image")
     mode = "label" if labels else interp.value
-    assert image is not None
     warped = apply_to_image(transform, image, inverse=inverse, interp=mode)
     save_volume(out, warped.data, warped.affine, _scalar_header(warped.header), warped.data.dtype)
     console.print(f"[green]wrote[/] {out} ({'x'.join(map(str, warped.shape))}, {mode})", highlight=False)
