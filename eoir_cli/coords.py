@@ -162,9 +162,16 @@ def jacobian_determinant(disp: Any) -> Any:
     import torch
 
     grads = spatial_gradient(disp)  # grads[j][:, i] = d disp_i / d x_j
-    jac = torch.stack([torch.stack([grads[j][:, i] for j in range(3)], -1) for i in range(3)], -2)
-    jac = jac + torch.eye(3, dtype=disp.dtype, device=disp.device)
-    return torch.linalg.det(jac)
+
+    def entry(i: int, j: int) -> torch.Tensor:
+        return grads[j][:, i] + 1.0 if i == j else grads[j][:, i]
+
+    # The cofactor expansion written out: several times faster than a batched torch.linalg.det
+    # (one LU factorisation per voxel) on the 7 M voxels of the LUMIR grid; equal to float rounding.
+    a = [[entry(i, j) for j in range(3)] for i in range(3)]
+    return (a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
+            - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]))
 
 
 def physical_jacobian(disp: np.ndarray, fixed_affine: np.ndarray, moving_affine: np.ndarray) -> np.ndarray:

@@ -23,7 +23,9 @@ Choices (documented because the challenge scripts differ in details):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -40,6 +42,16 @@ def _check_labels(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.
     return pred, target
 
 
+def _present_labels(labels: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an integer array (a histogram when the values are small and
+    non-negative: ~20x faster than ``np.unique``'s sort on a 7 M-voxel label map)."""
+    if labels.size and labels.dtype.kind in "iub":
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo >= 0 and hi < 1 << 20:
+            return np.flatnonzero(np.bincount(labels.ravel(), minlength=hi + 1))
+    return np.unique(labels)
+
+
 def scored_labels(fixed_seg: np.ndarray, moving_seg: np.ndarray, labels: Iterable[int] | None = None) -> list[int]:
     """The label set a registration is scored on (the one rule of ``register``, batches, ``test`` and ``demo``).
 
@@ -48,15 +60,33 @@ def scored_labels(fixed_seg: np.ndarray, moving_seg: np.ndarray, labels: Iterabl
     """
     if labels is not None:
         return [int(v) for v in labels]
-    values = np.union1d(np.unique(fixed_seg), np.unique(moving_seg))
+    values = np.union1d(_present_labels(fixed_seg), _present_labels(moving_seg))
     return [int(v) for v in values if v != 0]
 
 
 def _label_list(pred: np.ndarray, target: np.ndarray, labels: Iterable[int] | None) -> list[int]:
     if labels is not None:
         return [int(v) for v in labels]
-    values = np.union1d(np.unique(pred), np.unique(target))
+    values = np.union1d(_present_labels(pred), _present_labels(target))
     return [int(v) for v in values if v != 0]
+
+
+def _label_index(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Position of every voxel's label in sorted ``values``; ``len(values)`` for other labels."""
+    k = len(values)
+    flat = labels.ravel()
+    if flat.size and flat.dtype.kind in "iub":
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo >= 0 and hi < 1 << 20:  # a lookup table: one gather instead of a binary search per voxel
+            lut = np.full(hi + 1, k, dtype=np.intp)
+            inside = values[(values >= 0) & (values <= hi)]
+            lut[inside] = np.searchsorted(values, inside)
+            return lut[flat]
+    if k == 0:
+        return np.zeros(flat.shape, dtype=np.intp)
+    pos = np.searchsorted(values, flat)
+    pos[pos == k] = 0
+    return np.where(values[pos] == flat, pos, k)
 
 
 def _check_disp(disp: np.ndarray) -> np.ndarray:
@@ -78,13 +108,23 @@ def dice_per_label(pred: np.ndarray, target: np.ndarray, labels: Iterable[int] |
         ``{label: dice in [0, 1]}``.
     """
     pred, target = _check_labels(pred, target)
+    wanted = _label_list(pred, target, labels)
+    # One pass over the volume for all labels: histograms of label positions (pred, target, and
+    # where both agree) instead of three full-volume comparisons per label.
+    values = np.unique(np.asarray(wanted, dtype=np.int64))
+    k = len(values)
+    pos_p = _label_index(pred, values)
+    pos_t = _label_index(target, values)
+    count_p = np.bincount(pos_p, minlength=k + 1)
+    count_t = np.bincount(pos_t, minlength=k + 1)
+    both = np.bincount(pos_p[pos_p == pos_t], minlength=k + 1)
     out: dict[int, float] = {}
-    for label in _label_list(pred, target, labels):
-        p, t = pred == label, target == label
-        total = int(p.sum()) + int(t.sum())
+    for label in wanted:
+        i = int(np.searchsorted(values, label))
+        total = int(count_p[i]) + int(count_t[i])
         if total == 0:
             continue
-        out[label] = 2.0 * float(np.logical_and(p, t).sum()) / total
+        out[label] = 2.0 * float(both[i]) / total
     return out
 
 
@@ -278,13 +318,100 @@ def sdlogj(disp: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float(np.log(np.clip(det, 1e-9, 1e9)).std())
 
 
-def field_metrics(disp: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
-    """Regularity of a displacement (voxels): ``ndv_percent``, ``jac_nonpos_percent``, ``sdlogj``."""
+def field_metrics(disp: np.ndarray, mask: np.ndarray | None = None, linear: np.ndarray | None = None,
+                  slab: int = 8) -> dict[str, float]:
+    """Regularity of a displacement (voxels): ``ndv_percent``, ``jac_nonpos_percent``, ``sdlogj``.
+
+    The same three numbers as :func:`ndv`, :func:`jacobian_nonpositive_percent` and :func:`sdlogj`
+    in one pass, a slab of ``slab`` planes at a time in float32 torch (differences of ``disp``, not
+    of ``x + disp``, so float32 loses nothing that matters: ~1e-6 voxel on a difference). On the
+    LUMIR grid this takes a fraction of a second where the three float64 reference functions take
+    ~5 s and ~2 GB of temporaries.
+
+    Args:
+        disp: ``(3, D, H, W)`` displacement in voxels.
+        mask: optional ``(D, H, W)`` mask (non-zero = inside).
+        linear: optional ``(3, 3)`` matrix ``L``: the metrics are those of the map
+            ``x -> L·(x + disp(x)) + t`` (any ``t``), e.g. the whole transform when ``disp`` is the
+            deformable part and ``L`` the linear part of an affine pre-alignment (voxel units). Every
+            tetrahedron's and the Jacobian's determinant is multiplied by ``det(L)``.
+        slab: planes along axis 0 processed at once (memory ~ 60 floats per voxel of a slab).
+    """
+    import torch
+
+    disp = np.asarray(disp)
+    if disp.ndim != 4 or disp.shape[0] != 3:
+        raise ValueError(f"disp: expected (3, D, H, W) in voxels, got shape {disp.shape}")
+    if min(disp.shape[1:]) < 3:
+        raise ValueError(f"disp: expected at least 3 voxels per axis, got shape {disp.shape}")
+    d, h, w = disp.shape[1:]
+    inside = _interior_mask(mask, (d, h, w))
+    total = int(inside.sum())
+    if total == 0:
+        raise ValueError("mask: expected at least one interior voxel inside the mask, got none")
+    scale = float(np.linalg.det(np.asarray(linear, dtype=np.float64))) if linear is not None else 1.0
+    u = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))
+    masks = torch.from_numpy(np.ascontiguousarray(inside)) if mask is not None else None
+    neg = nonpos = 0.0
+    log_sum = log_sq = 0.0
+    with torch.inference_mode():
+        for start in range(1, d - 1, max(1, slab)):
+            n = min(start + slab, d - 1) - start
+            dets, jac = _slab_determinants(u[:, start - 1:start + n + 1])
+            jac = jac * scale
+            sel = masks[start - 1:start - 1 + n] if masks is not None else None
+            for det in dets:
+                part = torch.clamp(det * scale, max=0.0)
+                neg -= float((part[sel] if sel is not None else part).sum(dtype=torch.float64))
+            if sel is not None:
+                jac = jac[sel]
+            nonpos += float((jac <= 0).sum())
+            logj = torch.log(torch.clamp(jac, 1e-9, 1e9))
+            log_sum += float(logj.sum(dtype=torch.float64))
+            log_sq += float((logj * logj).sum(dtype=torch.float64))
+    mean = log_sum / total
     return {
-        "ndv_percent": ndv(disp, mask),
-        "jac_nonpos_percent": jacobian_nonpositive_percent(disp, mask),
-        "sdlogj": sdlogj(disp, mask),
+        "ndv_percent": 100.0 * (0.5 * neg / 6.0) / total,
+        "jac_nonpos_percent": 100.0 * nonpos / total,
+        "sdlogj": float(math.sqrt(max(log_sq / total - mean * mean, 0.0))),
     }
+
+
+def _slab_determinants(block: Any) -> tuple[list[Any], Any]:
+    """The 10 tetrahedron determinants and the central-difference ``|J|`` at the interior voxels
+    of a ``(3, n + 2, H, W)`` torch slab of a displacement (its n middle planes, interior rows/columns)."""
+    n, h, w = block.shape[1] - 2, block.shape[2], block.shape[3]
+
+    def at(dp: int, dh: int, dw: int) -> Any:
+        return block[:, 1 + dp:1 + n + dp, 1 + dh:h - 1 + dh, 1 + dw:w - 1 + dw]
+
+    centre = at(0, 0, 0)
+
+    def edge(offset: tuple[int, int, int]) -> list[Any]:
+        # T(v + offset) - T(v) = offset + u(v + offset) - u(v), per component.
+        diff = at(*offset) - centre
+        return [diff[c] + offset[c] if offset[c] else diff[c] for c in range(3)]
+
+    unit = [tuple(int(a == b) for b in range(3)) for a in range(3)]
+    fwd = [edge(e) for e in unit]  # type: ignore[arg-type]
+    bwd = [[-x for x in edge(tuple(-v for v in e))] for e in unit]  # type: ignore[arg-type]
+    crosses = {(s1, s2): _cross(r1, r2) for s1, r1 in ((1, fwd[1]), (-1, bwd[1]))
+               for s2, r2 in ((1, fwd[2]), (-1, bwd[2]))}
+    dets = [_dot(fwd[0] if s0 == 1 else bwd[0], crosses[(s1, s2)]) for s0, s1, s2 in _OCTANTS]
+    low = [edge((-1, -1, 0)), edge((-1, 0, -1)), edge((0, -1, -1))]
+    dets.append(_dot(low[0], _cross(low[1], low[2])))
+    high = [edge((1, 1, 0)), edge((0, 1, 1)), edge((1, 0, 1))]  # the reference order (identity det 2)
+    dets.append(_dot(high[0], _cross(high[1], high[2])))
+    central = [[0.5 * (f + b) for f, b in zip(fwd[a], bwd[a], strict=True)] for a in range(3)]
+    return dets, _dot(central[0], _cross(central[1], central[2]))
+
+
+def _cross(a: Sequence[Any], b: Sequence[Any]) -> list[Any]:
+    return [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
+
+
+def _dot(a: Sequence[Any], b: Sequence[Any]) -> Any:
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
 
 
 def tre_mm(

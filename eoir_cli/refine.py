@@ -11,6 +11,8 @@ All displacements are in voxels of the network grid (convention of :mod:`eoir_cl
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 
 import torch
 
@@ -42,6 +44,20 @@ def auto_scale(shape: tuple[int, ...], max_voxels: int = 2**21) -> float:
     return 1.0 if n <= max_voxels else 0.5
 
 
+def _pyramid(image: torch.Tensor, sizes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+    """``image`` resized to each of ``sizes`` (fine to coarse order not required), each level
+    resampled from the next finer one so a quarter-resolution level averages its neighbours
+    instead of skipping three voxels in four."""
+    from eoir_cli.spatial import resize
+
+    out: dict[tuple[int, ...], torch.Tensor] = {}
+    current = image
+    for size in sorted(set(sizes), key=lambda s: -math.prod(s)):
+        current = resize(current, size=size)
+        out[size] = current
+    return [out[s] for s in sizes]
+
+
 def refine(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -53,31 +69,34 @@ def refine(
     int_steps: int = 7,
     init_iterations: int = 3,
     scale: float | None = None,
+    coarse_steps: int = 0,
 ) -> torch.Tensor:
     """Optimise the displacement of one pair on the network grid.
 
     At ``scale == 1`` the velocity lives on the network grid and starts at ``exp(v) ≈ disp``.
     At ``scale < 1`` (large grids) a velocity on the coarser grid optimises a diffeomorphic
     *correction* ``r = exp(v)`` applied before the network's map, so the network's full-resolution
-    detail is kept: the result is ``compose(disp, upsample(r)) = r + disp(x + r)``.
+    detail is kept: the result is ``compose(disp, upsample(r)) = r + disp(x + r)``. There,
+    ``coarse_steps`` steps first run at half that scale (8x fewer voxels: each step costs ~1/8),
+    and their velocity, upsampled, starts the ``steps`` steps at ``scale`` (coarse to fine).
 
     Args:
         fixed: ``(1, 1, D, H, W)`` fixed image in [0, 1].
         moving: ``(1, 1, D, H, W)`` moving image in [0, 1], on the same grid.
         disp: ``(1, 3, D, H, W)`` start (the network's answer, voxels) or None for identity.
-        steps: Adam steps (0 returns ``disp`` unchanged).
-        lr: Adam learning rate (voxels of velocity per step).
+        steps: Adam steps at the refinement scale (0 returns ``disp`` unchanged).
+        lr: Adam learning rate (voxels of velocity per step, at each level's own voxel size).
         weight: smoothness weight (``"l2"`` penalty on the velocity's forward differences).
-        window: local NCC window (voxels of the refinement grid).
+        window: local NCC window (voxels of each level's grid).
         int_steps: scaling-and-squaring steps.
         init_iterations: fixed-point iterations fitting the start velocity to ``disp``.
         scale: refinement grid / network grid (None: :func:`auto_scale`).
+        coarse_steps: Adam steps at ``scale / 2`` before the ``steps`` at ``scale`` (``scale < 1`` only).
 
     Returns:
         ``(1, 3, D, H, W)`` float32 displacement in voxels of the network grid.
     """
-    from eoir_cli.losses import ncc_loss, smoothness_loss
-    from eoir_cli.spatial import compose, resize, resize_disp
+    from eoir_cli.spatial import compose, resize_disp
 
     size = tuple(fixed.shape[2:])
     if disp is None:
@@ -90,28 +109,42 @@ def refine(
     scale = auto_scale(size) if scale is None else float(scale)
     disp = disp.detach().float()
     if scale >= 1.0:
-        target, source = fixed, moving
         velocity = velocity_from_disp(disp, int_steps, init_iterations)
-    else:
-        small = tuple(max(4, round(s * scale)) for s in size)
+        velocity = _optimise(velocity, moving, fixed, steps, lr, weight, window, int_steps)
         with torch.no_grad():
-            target = resize(fixed, size=small)
-            source = resize(warp(moving, disp), size=small)
-        velocity = torch.zeros(1, 3, *small, dtype=disp.dtype, device=disp.device)
-    velocity.requires_grad_(True)
+            return integrate(velocity, int_steps)
+    fine = tuple(max(4, round(s * scale)) for s in size)
+    coarse = tuple(max(4, round(s * scale / 2)) for s in size)
+    levels = ([(coarse, coarse_steps)] if coarse_steps > 0 else []) + [(fine, steps)]
+    with torch.no_grad():
+        targets = _pyramid(fixed, [lv[0] for lv in levels])
+        sources = _pyramid(warp(moving, disp), [lv[0] for lv in levels])
+    velocity = torch.zeros(1, 3, *levels[0][0], dtype=disp.dtype, device=disp.device)
+    for (shape, n), target, source in zip(levels, targets, sources, strict=True):
+        if tuple(velocity.shape[2:]) != shape:
+            with torch.no_grad():
+                velocity = resize_disp(velocity, shape)
+        velocity = _optimise(velocity, source, target, n, lr, weight, window, int_steps)
+    with torch.no_grad():
+        phi = integrate(velocity, int_steps)
+        return compose(disp, resize_disp(phi, size))
+
+
+def _optimise(velocity: torch.Tensor, source: torch.Tensor, target: torch.Tensor, steps: int, lr: float,
+              weight: float, window: int, int_steps: int) -> torch.Tensor:
+    """``steps`` Adam steps on ``ncc(warp(source, exp(v)), target) + weight · smooth(v)``; returns ``v``."""
+    from eoir_cli.losses import ncc_loss, smoothness_loss
+
+    velocity = velocity.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([velocity], lr=lr)
     with torch.enable_grad():
         for step in range(steps):
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=True)
             phi = integrate(velocity, int_steps)
             sim = ncc_loss(warp(source, phi), target, window=window)
             loss = sim + weight * smoothness_loss(velocity, "l2")
             loss.backward()
             opt.step()
             if step == 0 or step == steps - 1:
-                log.debug("refine step %d: ncc %.4f", step, sim.item())
-    with torch.no_grad():
-        phi = integrate(velocity.detach(), int_steps)
-        if scale >= 1.0:
-            return phi
-        return compose(disp, resize_disp(phi, size))
+                log.debug("refine %s step %d: ncc %.4f", tuple(velocity.shape[2:]), step, sim.item())
+    return velocity.detach()

@@ -1,0 +1,75 @@
+"""How eoir uses the CPU: the number of threads and how idle threads wait.
+
+PyTorch's CPU kernels run on an OpenMP pool (libgomp in the pip wheels). By default idle pool
+threads spin before they sleep; when another CPU-bound process shares the cores, a spinning or
+descheduled pool thread makes every parallel region wait for a time slice, and a stage made of
+thousands of small kernels (the affine fit, the refinement steps) slows 10x, not 2x. eoir sets
+``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep at once) before torch is imported, unless the
+user chose a policy, and uses one thread per core it may run on. The measurement behind these
+defaults is in the README ("Speed on a busy CPU").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+THREADS_ENV = "EOIR_THREADS"
+WAIT_POLICY = "PASSIVE"
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` elsewhere)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """``$EOIR_THREADS`` when set to a positive integer, else one thread per available core."""
+    text = os.environ.get(THREADS_ENV, "").strip()
+    if text:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value > 0:
+            return value
+        log.warning("%s=%r ignored: expected a positive integer", THREADS_ENV, text)
+    return available_cores()
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set the waiting policy (before torch loads) and the thread count; returns the count.
+
+    Args:
+        threads: threads for PyTorch's kernels and eoir's own pools (None: :func:`default_threads`).
+
+    Raises:
+        ValueError: ``threads`` < 1.
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads: expected >= 1, got {threads}")
+    n = threads or default_threads()
+    if "torch" not in sys.modules:  # OpenMP reads its environment once, when torch loads it
+        os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+    os.environ[THREADS_ENV] = str(n)
+    if "torch" in sys.modules:
+        import torch
+
+        torch.set_num_threads(n)
+    else:
+        os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    return n
+
+
+def num_threads() -> int:
+    """Threads eoir's own pools use (file compression): PyTorch's count once torch is loaded."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return max(1, torch.get_num_threads())
+    return default_threads()
