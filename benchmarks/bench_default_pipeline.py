@@ -64,7 +64,8 @@ def run(model: str, settings: list[dict[str, Any]], data: Path, threads: int | N
             fseg = data / "labelsTr" / fixed.name
             mseg = data / "labelsTr" / moving.name
             res = register(fixed, moving, None, model=backend, moving_seg=mseg, affine=setting["affine"],
-                           refine=setting["refine"], shape=(160, 224, 192), hd95=False, qc=False)
+                           refine=setting["refine"], shape=(160, 224, 192), hd95=False, qc=False,
+                           **({"refine_coarse": setting["coarse"]} if "coarse" in setting else {}))
             fixed_labels = load_volume(fseg, kind="label").data
             moving_labels = load_volume(mseg, kind="label").data
             before = metrics.mean_dice(moving_labels, fixed_labels, labels)
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refine", type=int, nargs="*", default=[0, 10, 20])
     parser.add_argument("--no-affine-row", action="store_true", help="skip the network-alone row")
     parser.add_argument("--refine-only", type=int, default=0, help="also run refinement from a zero network")
+    parser.add_argument("--coarse", type=int, nargs="*", default=None,
+                        help="quarter-resolution steps before each --refine row's steps (one value per row "
+                             "or one for all; default: the pipeline's)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -110,8 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     settings: list[dict[str, Any]] = []
     if not args.no_affine_row:
         settings.append({"name": "network", "affine": False, "refine": 0})
-    settings += [{"name": f"network+affine+refine{n}" if n else "network+affine", "affine": True, "refine": n}
-                 for n in args.refine]
+    coarse = args.coarse or [None]
+    if len(coarse) not in (1, len(args.refine)):
+        parser.error(f"--coarse: expected 1 or {len(args.refine)} values, got {len(coarse)}")
+    for n, c in zip(args.refine, coarse * len(args.refine) if len(coarse) == 1 else coarse, strict=False):
+        row = {"name": f"network+affine+refine{n}" if n else "network+affine", "affine": True, "refine": n}
+        if c is not None and n:
+            row.update(coarse=c, name=f"network+affine+coarse{c}+refine{n}")
+        settings.append(row)
     if args.refine_only:
         settings.append({"name": f"affine+refine{args.refine_only} (no network)", "affine": True,
                          "refine": args.refine_only, "zero_network": True})

@@ -56,13 +56,17 @@ def register_pairs(
     Pairs whose folder already holds ``metrics.json`` are skipped (the batch is resumable); a pair
     that fails is reported and the batch goes on. ``summary.csv`` is written to ``out_dir``.
     With ``lumir=True`` each ``disp_<fixed>_<moving>.nii.gz`` is also placed in ``out_dir`` itself
-    (the flat layout a LUMIR submission expects).
+    (the flat layout a LUMIR submission expects, as a hard link: the field is written once).
+    The next pair is read and the previous one written on two I/O threads while a pair is computed.
 
     Args:
         pairs: from :func:`read_pair_list`.
         options: forwarded to :func:`eoir_cli.register.register` (``affine``, ``refine``, ``lumir``, ...).
     """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from eoir_cli.backends import open_backend
+    from eoir_cli.io import load_volume
     from eoir_cli.register import register
 
     out = Path(out_dir)
@@ -71,27 +75,74 @@ def register_pairs(
     todo = [not (out / p.label / DONE_MARKER).is_file() for p in pairs]
     net = open_backend(model, backend, device, precision) if any(todo) else None
     outcomes: list[PairOutcome] = []
-    for n, pair in enumerate(pairs):
-        pair_dir = out / pair.label
-        if not todo[n]:
-            try:
-                outcome = _outcome_from_metrics(pair.label, "skipped", json.loads((pair_dir / DONE_MARKER).read_text()))
-            except (json.JSONDecodeError, OSError):
-                outcome = PairOutcome(pair.label, "skipped")
-        else:
-            try:
-                result = register(pair.fixed.image, pair.moving.image, pair_dir, model=net,
-                                  moving_seg=pair.moving.seg, fixed_seg=pair.fixed.seg, **options)
-                if options.get("lumir"):
-                    lumir_name = f"disp_{pair.fixed.id}_{pair.moving.id}.nii.gz"
-                    copy_atomic(result.paths[lumir_name], out / lumir_name)
-                outcome = _outcome_from_metrics(pair.label, "done", result.metrics)
-            except (EoirError, ValueError, OSError, RuntimeError) as err:
-                text = str(err).strip()
-                outcome = PairOutcome(pair.label, "failed", error=text.splitlines()[0] if text else type(err).__name__)
+    errors = (EoirError, ValueError, OSError, RuntimeError)
+
+    def failed(label: str, err: BaseException) -> PairOutcome:
+        text = str(err).strip()
+        return PairOutcome(label, "failed", error=text.splitlines()[0] if text else type(err).__name__)
+
+    def report(n: int, outcome: PairOutcome) -> None:
         outcomes.append(outcome)
         if progress is not None:
             progress(n + 1, len(pairs), outcome)
+
+    def load(pair: PairRecord) -> tuple[Any, ...]:
+        return (load_volume(pair.fixed.image, "image", "fixed"), load_volume(pair.moving.image, "image", "moving"),
+                load_volume(pair.moving.seg, "label", "moving-seg") if pair.moving.seg else None,
+                load_volume(pair.fixed.seg, "label", "fixed-seg") if pair.fixed.seg else None)
+
+    def write(result: Any, pair: PairRecord) -> PairOutcome:
+        paths = result.write()
+        if options.get("lumir"):
+            lumir_name = f"disp_{pair.fixed.id}_{pair.moving.id}.nii.gz"
+            copy_atomic(paths[lumir_name], out / lumir_name)  # a hard link: the field is stored once
+        return _outcome_from_metrics(pair.label, "done", result.metrics)
+
+    # Reading the next pair and writing the previous one run on two I/O threads while this thread
+    # computes (gzip (de)compression releases the GIL); one write is in flight at a time.
+    loads: dict[int, Future[tuple[Any, ...]]] = {}
+    pending: tuple[int, PairRecord, Future[PairOutcome]] | None = None
+
+    def finish_pending() -> None:
+        nonlocal pending
+        if pending is not None:
+            n_done, pair_done, future = pending
+            pending = None
+            try:
+                report(n_done, future.result())
+            except errors as err:
+                report(n_done, failed(pair_done.label, err))
+
+    def prefetch(after: int) -> None:
+        nxt = next((m for m in range(after + 1, len(pairs)) if todo[m]), None)
+        if nxt is not None and nxt not in loads:
+            loads[nxt] = loader.submit(load, pairs[nxt])
+
+    with ThreadPoolExecutor(1, thread_name_prefix="eoir-load") as loader, \
+            ThreadPoolExecutor(1, thread_name_prefix="eoir-write") as writer:
+        for n, pair in enumerate(pairs):
+            pair_dir = out / pair.label
+            if not todo[n]:
+                finish_pending()
+                try:
+                    outcome = _outcome_from_metrics(pair.label, "skipped",
+                                                    json.loads((pair_dir / DONE_MARKER).read_text()))
+                except (json.JSONDecodeError, OSError):
+                    outcome = PairOutcome(pair.label, "skipped")
+                report(n, outcome)
+                continue
+            try:
+                fixed, moving, mseg, fseg = (loads.pop(n) if n in loads else loader.submit(load, pair)).result()
+                prefetch(n)
+                result = register(fixed, moving, pair_dir, model=net, moving_seg=mseg, fixed_seg=fseg,
+                                  write_later=True, **options)
+            except errors as err:
+                finish_pending()
+                report(n, failed(pair.label, err))
+                continue
+            finish_pending()
+            pending = (n, pair, writer.submit(write, result, pair))
+        finish_pending()
     write_summary(out / "summary.csv", outcomes)
     return outcomes
 

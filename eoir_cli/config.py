@@ -259,6 +259,7 @@ class PipelineDefaults:
     refine_window: int = 5
     refine_int_steps: int = 4
     inverse: bool = True
+    refine_coarse: int = 0  # steps at a quarter of the network grid before the ``refine`` steps at half
 
 
 PIPELINE = PipelineDefaults()

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 Kind = Literal["image", "label"]
-GZIP_LEVEL = 1  # zlib's fastest: float fields shrink to ~75 % at any level; level 6 costs ~4x the time
+GZIP_LEVEL = 1  # zlib's fastest level: float fields shrink to ~80 % at any level; level 6 costs ~4x the time
 GZIP_CHUNK = 8 << 20  # bytes per gzip member
 
 
@@ -222,7 +222,11 @@ def write_gzip_parallel(path: str | os.PathLike[str], data: bytes, level: int = 
     from eoir_cli.threads import num_threads
 
     def member(start: int) -> bytes:
-        comp = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 16 + 15: a gzip header and trailer
+        # wbits 16 + 15: a gzip header and trailer. Z_RLE (matches of the previous byte only) is a
+        # standard deflate stream any reader inflates; on our float32 fields and images it compresses
+        # ~3x faster than the default strategy at level 1 to within 1 % of its size (disp 0.81 vs
+        # 0.80 of the raw bytes, warped 0.23 vs 0.24, jacobian 0.85 vs 0.86).
+        comp = zlib.compressobj(level, zlib.DEFLATED, 31, 8, zlib.Z_RLE)
         view = memoryview(data)[start:start + chunk]
         return comp.compress(view) + comp.flush()
 

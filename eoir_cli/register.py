@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -105,17 +105,25 @@ def _seg_metrics(before: np.ndarray, after: np.ndarray, fixed_seg: np.ndarray, m
     return out
 
 
+StageCallback = Callable[[str, float], None]
+
+
 class _Timer:
-    def __init__(self) -> None:
+    """Seconds per stage (summed when a stage is entered twice); ``progress(stage, seconds)`` is
+    called as each stage finishes, so a caller can show the stages live."""
+
+    def __init__(self, progress: StageCallback | None = None) -> None:
         self.times: dict[str, float] = {}
+        self.progress = progress
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
         start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.times[stage] = round(self.times.get(stage, 0.0) + time.perf_counter() - start, 4)
+        yield
+        seconds = time.perf_counter() - start
+        self.times[stage] = round(self.times.get(stage, 0.0) + seconds, 4)
+        if self.progress is not None:
+            self.progress(stage, seconds)
 
 
 def register(
@@ -143,10 +151,14 @@ def register(
     refine_scale: float | None = None,
     refine_window: int = PIPELINE.refine_window,
     refine_int_steps: int = PIPELINE.refine_int_steps,
+    refine_coarse: int = PIPELINE.refine_coarse,
     hd95: bool = True,
     qc: bool = True,
     labels: Sequence[int] | None = None,
     inverse: bool = PIPELINE.inverse,
+    outputs: str | Sequence[str] | None = None,
+    progress: StageCallback | None = None,
+    write_later: bool = False,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and (with ``out_dir``) write every output atomically.
 
@@ -182,12 +194,20 @@ def register(
         refine_scale: refinement grid / network grid (None: 1 up to 2 M voxels, else 1/2).
         refine_window: local NCC window of the refinement (voxels of its grid).
         refine_int_steps: scaling-and-squaring steps of the refinement.
+        refine_coarse: refinement steps at half the refinement scale first (coarse to fine; large
+            grids only, see :func:`eoir_cli.refine.refine`).
         hd95: compute HD95 (slower) when both label maps are given.
         labels: label values scored by Dice/HD95 (default: every non-zero label in either map;
             see :func:`eoir_cli.metrics.scored_labels`).
-        qc: draw ``qc.png``.
+        qc: draw ``qc.png`` (when ``outputs`` includes it).
+        outputs: the outputs to write, a subset of :data:`eoir_cli.outputs.OUTPUT_KINDS`
+            (``"warped,disp"`` or a sequence; None = all of them; ``metrics.json`` always). Outputs
+            not asked for are not computed where that saves time (the Jacobian, the QC picture).
+        progress: called as ``progress(stage, seconds)`` when each stage finishes.
+        write_later: with ``out_dir``, do not write yet: ``result.write()`` writes (and returns the
+            paths), e.g. on another thread while the next pair of a batch is computed.
         inverse: also compute the inverse transform (``inverse_*.nii.gz`` on the moving grid) and
-            its inverse consistency (``metrics.json``).
+            its inverse consistency (``metrics.json``), when ``outputs`` includes ``inverse``.
 
     Returns:
         A :class:`RegistrationResult`.
@@ -197,7 +217,12 @@ def register(
     """
     import torch
 
-    timer = _Timer()
+    from eoir_cli.outputs import parse_outputs
+
+    chosen = parse_outputs(outputs)
+    qc = qc and "qc" in chosen
+    want_jacobian = "jacobian" in chosen or qc
+    timer = _Timer(progress)
     t_start = time.perf_counter()
     with timer("load"):
         fixed_v = _as_volume(fixed, "image", "fixed")
@@ -286,17 +311,17 @@ def register(
 
             refined = refine_fn(as_t(fixed_net[None]), as_t(moving_net[None]), as_t(network_disp), refine,
                                 lr=refine_lr, weight=refine_weight, scale=refine_scale, window=refine_window,
-                                int_steps=refine_int_steps)
+                                int_steps=refine_int_steps, coarse_steps=refine_coarse)
             network_disp = refined[0].cpu().numpy().astype(np.float32)
     with timer("compose"):
-        from eoir_cli.composition import compose_to_native, total_network_field
+        from eoir_cli.composition import compose_to_native
         from eoir_cli.coords import physical_jacobian
 
         native = compose_to_native(fixed_v, moving_v, grid, network_disp, transform, moving01,
                                    mseg.data if mseg is not None else None)
-        jacobian = physical_jacobian(native.disp, fixed_v.affine, moving_v.affine)
+        jacobian = physical_jacobian(native.disp, fixed_v.affine, moving_v.affine) if want_jacobian else None
     inverse_maps = inversion = None
-    if inverse:
+    if inverse and "inverse" in chosen:
         with timer("inverse"):
             from eoir_cli.composition import compose_inverse_to_native
             from eoir_cli.inverse import invert_disp
@@ -307,7 +332,10 @@ def register(
     with timer("metrics"):
         from eoir_cli import metrics
 
-        field_stats = metrics.field_metrics(total_network_field(network_disp, grid, transform))
+        # The whole transform x -> M·(x + u(x)) on the network grid (M: the affine in network voxels):
+        # its determinants are det(M) times those of u, so the total field is never built.
+        linear = (np.linalg.inv(grid.affine) @ transform @ grid.affine)[:3, :3]
+        field_stats = metrics.field_metrics(network_disp, linear=linear)
         seg_stats = (_seg_metrics(native.before_seg, native.warped_seg, fseg.data, mseg.data, fixed_v.spacing, hd95,
                                   labels)
                      if fseg is not None and mseg is not None and native.warped_seg is not None else None)
@@ -340,10 +368,12 @@ def register(
         "refine_steps": int(refine),
         "field": {**field_stats, "grid": "network grid: the whole transform (affine + network + refine) as a "
                                          "self-map of the network grid, interior voxels"},
-        "jacobian_native": {"min": float(jacobian.min()), "max": float(jacobian.max()),
-                            "nonpositive_percent": float((jacobian <= 0).mean() * 100),
-                            "grid": "fixed image's native grid: the physical (mm -> mm) Jacobian of jacobian.nii.gz"},
     }
+    if jacobian is not None:
+        result_metrics["jacobian_native"] = {
+            "min": float(jacobian.min()), "max": float(jacobian.max()),
+            "nonpositive_percent": float((jacobian <= 0).mean() * 100),
+            "grid": "fixed image's native grid: the physical (mm -> mm) Jacobian of jacobian.nii.gz"}
     if seg_stats is not None:
         result_metrics["segmentation"] = seg_stats
     if inverse_maps is not None:
@@ -360,9 +390,16 @@ def register(
         result_metrics["timings_s"] = dict(timer.times, total=round(time.perf_counter() - t_start, 4))
 
     if out_dir is not None:
-        with timer("write"):
-            result.paths = write_outputs(Path(out_dir), result, fixed_v, mseg, names, lumir, stamp_timings,
-                                         moving_v)
+        def write() -> dict[str, Path]:
+            with timer("write"):
+                result.paths = write_outputs(Path(out_dir), result, fixed_v, mseg, names, lumir, stamp_timings,
+                                             moving_v, chosen)
+            return result.paths
+
+        if write_later:
+            result.write = write
+        else:
+            write()
     else:
         stamp_timings()
     return result

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,6 @@ def configure_threads(threads: int | None = None) -> int:
     n = threads or default_threads()
     if "torch" not in sys.modules:  # OpenMP reads its environment once, when torch loads it
         os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
-    os.environ[THREADS_ENV] = str(n)
     if "torch" in sys.modules:
         import torch
 
@@ -73,3 +74,17 @@ def num_threads() -> int:
     if torch is not None:
         return max(1, torch.get_num_threads())
     return default_threads()
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with at most ``n`` PyTorch threads (for stages made of many small kernels, where a
+    second thread gains little and makes every kernel wait for it when the CPU is shared)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, old)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

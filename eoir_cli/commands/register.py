@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from eoir_cli.commands.common import Device, PrecisionChoice, cli_command, console, fail
+from eoir_cli.commands.common import Device, PrecisionChoice, cli_command, console, err_console, fail
 from eoir_cli.config import PIPELINE
 
 
@@ -74,6 +74,10 @@ def register_command(
     inverse: Annotated[bool, typer.Option("--inverse/--no-inverse", help="Also write the inverse transform "
                                           "(inverse_*.nii.gz on the moving grid) and its inverse consistency."
                                           )] = PIPELINE.inverse,
+    outputs: Annotated[str, typer.Option(help="Outputs to write, comma-separated: warped,disp,warp_itk,"
+                                         "warped_seg,jacobian,inverse,qc or none (metrics.json always).")] = "all",
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: $EOIR_THREADS, else one per "
+                                                "core this process may use).")] = None,
 ) -> None:
     """Register MOVING to FIXED; write warped, disp, warp_itk, warped_seg, jacobian, the inverse, metrics, qc.png.
 
@@ -81,25 +85,41 @@ def register_command(
 
     Batch:   eoir register --pairs data/LUMIR_dataset.json -o out/ --lumir
     """
+    from eoir_cli.outputs import parse_outputs
+    from eoir_cli.threads import configure_threads
+
+    configure_threads(threads)  # before torch loads: the OpenMP waiting policy is read once
+    chosen = parse_outputs(None if outputs == "all" else outputs)
     options = dict(affine=affine, refine=refine, lumir=lumir, spacing=spacing, window=parse_window(window),
                    hd95=not no_hd95, labels=parse_labels(labels), fit_grid=fit_grid, allow_mismatch=allow_mismatch,
-                   inverse=inverse)
+                   inverse=inverse, outputs=chosen)
     if pairs is not None:
         if fixed is not None or moving is not None:
             raise fail("give either FIXED MOVING or --pairs, not both")
         if moving_seg is not None or fixed_seg is not None:
             raise fail("--moving-seg/--fixed-seg apply to one pair; put them in the pairs.csv columns instead")
-        _run_batch(pairs, out, model, backend.value, device.value, precision.value, options)
+        try:
+            _run_batch(pairs, out, model, backend.value, device.value, precision.value, options)
+        except KeyboardInterrupt:
+            raise _interrupted(f"finished pairs in {out}/ are kept (each has its metrics.json), the pair in "
+                               "progress left nothing; run the same command to resume") from None
         return
     if fixed is None or moving is None:
         raise fail("expected FIXED and MOVING images (or --pairs FILE); see eoir register --help")
     from eoir_cli.register import DomainMismatch, register
 
+    def show_stage(stage: str, seconds: float) -> None:
+        console.print(f"  {stage:<10} {seconds:6.2f} s", highlight=False)
+
     try:
         result = register(fixed, moving, out, model=model, backend=backend.value, device=device.value,
-                          moving_seg=moving_seg, fixed_seg=fixed_seg, precision=precision.value, **options)
+                          moving_seg=moving_seg, fixed_seg=fixed_seg, precision=precision.value,
+                          progress=show_stage, **options)
     except DomainMismatch as err:
         raise fail(f"{err}; --allow-mismatch runs it anyway") from None
+    except KeyboardInterrupt:
+        raise _interrupted(f"nothing was written to {out}/ (outputs appear only when a pair has finished); "
+                           "files already there are untouched") from None
     m = result.metrics
     line = (f"[green]done[/] in {m['timings_s']['total']:.1f} s ({m['backend']} on {m['device']}): "
             f"NDV {m['field']['ndv_percent']:.4f}%, |J|<=0 {m['field']['jac_nonpos_percent']:.4f}% (network grid)")
@@ -107,6 +127,12 @@ def register_command(
     if seg:
         line += f", Dice {seg['dice_before_mean']:.3f} -> {seg['dice_after_mean']:.3f}"
     console.print(line + f"\noutputs in {out}/: " + ", ".join(sorted(result.paths)), highlight=False)
+
+
+def _interrupted(what: str) -> typer.Exit:
+    """One line on Ctrl-C saying what was kept; exit code 130 (the shell's code for SIGINT)."""
+    err_console.print(f"[yellow]interrupted:[/] {what}", highlight=False, soft_wrap=True)
+    return typer.Exit(130)
 
 
 def _run_batch(pairs_file: Path, out: Path, model: str, backend: str, device: str, precision: str,

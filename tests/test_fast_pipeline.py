@@ -1,0 +1,290 @@
+"""The lean register pipeline (issue 10): fast metrics equal the reference ones, multi-member gzip
+files read everywhere, output selection, live stage progress, Ctrl-C leaves nothing behind, the
+whole-voxel composition shortcut equals interpolation, coarse-to-fine refinement, thread policy.
+Speed itself is measured by benchmarks/bench_register.py, not asserted here."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from eoir_cli import metrics
+from eoir_cli.cli import app
+
+runner = CliRunner()
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("slab", [1, 3, 8])
+def test_field_metrics_equal_the_reference_functions(seed: int, slab: int) -> None:
+    rng = np.random.default_rng(seed)
+    disp = rng.normal(0.0, 0.6, (3, 9, 8, 7))  # rough enough to fold in places
+    mask = rng.random((9, 8, 7)) > 0.3
+    for m in (None, mask):
+        fast = metrics.field_metrics(disp, m, slab=slab)
+        assert fast["ndv_percent"] > 0
+        assert fast["ndv_percent"] == pytest.approx(metrics.ndv(disp, m), rel=1e-5)
+        assert fast["jac_nonpos_percent"] == pytest.approx(metrics.jacobian_nonpositive_percent(disp, m), abs=1e-9)
+        assert fast["sdlogj"] == pytest.approx(metrics.sdlogj(disp, m), rel=1e-4)
+
+
+def test_field_metrics_with_a_linear_part_equal_those_of_the_whole_map() -> None:
+    # x -> L·(x + u(x)) + t: the total displacement is L·(x + u) + t - x.
+    rng = np.random.default_rng(2)
+    disp = rng.normal(0.0, 0.4, (3, 8, 9, 10))
+    linear = np.array([[1.1, 0.1, 0.0], [0.0, 0.9, 0.05], [0.02, 0.0, 1.05]])
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in disp.shape[1:]], indexing="ij"))
+    total = np.einsum("ij,j...->i...", linear, grid + disp) + np.array([3.0, -2.0, 1.0])[:, None, None, None] - grid
+    expected = metrics.field_metrics(total)
+    got = metrics.field_metrics(disp, linear=linear)
+    assert expected["ndv_percent"] > 0
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-9)
+
+
+def test_dice_per_label_equals_the_per_label_definition() -> None:
+    rng = np.random.default_rng(0)
+    pred, target = rng.integers(-3, 6, (9, 8, 7)), rng.integers(-3, 6, (9, 8, 7))
+    labels = [-3, -1, 1, 2, 4, 7]  # 7 is absent from both: skipped
+    expected = {}
+    for v in labels:
+        p, t = pred == v, target == v
+        if p.sum() + t.sum():
+            expected[v] = 2.0 * float((p & t).sum()) / float(p.sum() + t.sum())
+    assert metrics.dice_per_label(pred, target, labels) == expected
+    assert 7 not in expected
+    # Default labels: every non-zero value present, also for non-negative maps (histogram path).
+    pos_p, pos_t = np.abs(pred), np.abs(target)
+    assert set(metrics.dice_per_label(pos_p, pos_t)) == set(np.unique(np.r_[pos_p.ravel(), pos_t.ravel()])) - {0}
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def test_parallel_gzip_is_one_stream_for_every_reader(tmp_path: Path) -> None:
+    from eoir_cli.io import save_volume, write_gzip_parallel
+
+    data = np.random.default_rng(0).normal(size=100_000).astype(np.float32).tobytes()
+    path = tmp_path / "x.gz"
+    write_gzip_parallel(path, data, threads=2, chunk=65_536)  # 7 members
+    raw = path.read_bytes()
+    assert raw.count(b"\x1f\x8b\x08") >= 7
+    assert gzip.decompress(raw) == data
+    volume = np.random.default_rng(1).normal(size=(20, 21, 22, 3)).astype(np.float32)
+    nii = tmp_path / "v.nii.gz"
+    import eoir_cli.io as io_module
+
+    chunk = io_module.GZIP_CHUNK
+    io_module.GZIP_CHUNK = 4096
+    try:
+        save_volume(nii, volume, np.diag([2.0, 3.0, 4.0, 1.0]))
+    finally:
+        io_module.GZIP_CHUNK = chunk
+    img = nib.load(str(nii))
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), volume)
+    np.testing.assert_array_equal(img.affine, np.diag([2.0, 3.0, 4.0, 1.0]))
+
+
+# ------------------------------------------------------------------------------------ the register command
+
+
+@pytest.fixture(scope="module")
+def small_pair(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two real brains at 4 mm on one grid (40×56×48), with labels."""
+    root = tmp_path_factory.mktemp("pair")
+    brains = shared_data / "brain_lumirlike"
+    out = {}
+    for key, name, labels in (("fixed", "imagesTr/SYNBRAIN_0002_0000.nii.gz", False),
+                              ("moving", "imagesTr/SYNBRAIN_0001_0000.nii.gz", False),
+                              ("fixed_seg", "labelsTr/SYNBRAIN_0002_0000.nii.gz", True),
+                              ("moving_seg", "labelsTr/SYNBRAIN_0001_0000.nii.gz", True)):
+        img = nib.load(str(brains / name))
+        data = np.asanyarray(img.dataobj)
+        small = data[2::4, 2::4, 2::4] if labels else data.reshape(40, 4, 56, 4, 48, 4).mean((1, 3, 5))
+        scale = np.diag([4.0, 4.0, 4.0, 1.0])
+        scale[:3, 3] = 1.5
+        out[key] = root / f"{key}.nii.gz"
+        nib.save(nib.Nifti1Image(small.astype(np.int16 if labels else np.float32), img.affine @ scale), out[key])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 4-channel EOIR file (no trained grid: the network grid fits the 4 mm image)."""
+    from eoir_cli.checkpoint import save_checkpoint
+    from eoir_cli.config import PRESETS
+    from eoir_cli.model import EOIR
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(path, EOIR(PRESETS["lumir"].replace(channels=4)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_pair(small_pair: dict[str, Path], tiny_model: Path) -> dict[str, Path]:
+    return {**small_pair, "model": tiny_model}
+
+
+def _cli(pair: dict[str, Path], out: Path, *extra: str):  # noqa: ANN202
+    return runner.invoke(app, ["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(out), "--model",
+                               str(pair["model"]), "--spacing", "4", "--refine", "1", "--no-hd95", "--threads", "1",
+                               *extra])
+
+
+def test_outputs_option_writes_only_what_is_asked(cli_pair: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = _cli(cli_pair, out, "--moving-seg", str(cli_pair["moving_seg"]), "--outputs", "warped,warped_seg")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "warped.nii.gz", "warped_seg.nii.gz"]
+    assert "jacobian_native" not in json.loads((out / "metrics.json").read_text())  # not computed either
+    default = tmp_path / "default"
+    assert _cli(cli_pair, default).exit_code == 0
+    assert sorted(p.name for p in default.iterdir()) == ["disp.nii.gz", "jacobian.nii.gz", "metrics.json", "qc.png",
+                                                         "warp_itk.nii.gz", "warped.nii.gz"]
+
+
+def test_unknown_output_is_one_line(cli_pair: dict[str, Path], tmp_path: Path) -> None:
+    result = _cli(cli_pair, tmp_path / "out", "--outputs", "warped,jacobain")
+    assert result.exit_code == 1
+    assert "error: outputs: expected a comma-separated subset of warped,disp" in result.output
+    assert "got jacobain" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_stages_are_shown_as_they_finish(cli_pair: dict[str, Path], tmp_path: Path) -> None:
+    result = _cli(cli_pair, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    lines = [ln.split() for ln in result.output.splitlines() if ln.startswith("  ")]
+    stages = [ln[0] for ln in lines if len(ln) == 3 and ln[2] == "s"]
+    for stage in ("load", "preprocess", "affine", "network", "refine", "compose", "metrics", "qc", "write"):
+        assert stage in stages, result.output
+    assert stages.index("affine") < stages.index("network") < stages.index("refine") < stages.index("write")
+
+
+def test_ctrl_c_says_what_was_kept_and_leaves_nothing(cli_pair: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import eoir_cli.composition as composition
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(composition, "compose_to_native", interrupted)
+    result = _cli(cli_pair, out)
+    assert result.exit_code == 130
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("interrupted:")]
+    assert len(lines) == 1 and "nothing was written" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # no staging folder, the user's file kept
+
+
+def test_ctrl_c_in_a_batch_keeps_finished_pairs_and_resumes(cli_pair: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import eoir_cli.composition as composition
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"fixed,moving,name\n{cli_pair['fixed']},{cli_pair['moving']},a\n"
+                     f"{cli_pair['moving']},{cli_pair['fixed']},b\n")
+    real = composition.compose_to_native
+    calls = []
+
+    def second_interrupted(*args: object, **kwargs: object):  # noqa: ANN202
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(composition, "compose_to_native", second_interrupted)
+    out = tmp_path / "batch"
+    args = ["register", "--pairs", str(pairs), "-o", str(out), "--model", str(cli_pair["model"]), "--spacing", "4",
+            "--refine", "0", "--threads", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130
+    assert [ln for ln in result.output.splitlines() if ln.startswith("interrupted:")][0].count("resume") == 1
+    assert (out / "a" / "metrics.json").is_file() and not (out / "b").exists()
+    monkeypatch.setattr(composition, "compose_to_native", real)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = (out / "summary.csv").read_text()
+    assert "a,skipped" in summary and "b,done" in summary
+
+
+# ----------------------------------------------------------------------------------- composition, refine
+
+
+def test_whole_voxel_composition_equals_interpolation(small_pair: dict[str, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import eoir_cli.composition as composition
+    from eoir_cli.io import load_volume
+    from eoir_cli.preprocess import NetworkGrid
+
+    fixed, moving = load_volume(small_pair["fixed"]), load_volume(small_pair["moving"])
+    seg = load_volume(small_pair["moving_seg"], kind="label").data
+    # The network grid = the fixed grid cropped by 3 voxels at the start of axis 1 (a whole-voxel shift).
+    shift = np.eye(4)
+    shift[1, 3] = 3
+    grid = NetworkGrid(shape=(40, 48, 48), affine=fixed.affine @ shift)
+    rng = np.random.default_rng(0)
+    u = rng.normal(0, 1.0, (3, 40, 48, 48)).astype(np.float32)
+    transform = np.eye(4)
+    transform[:3, 3] = [2.0, -1.0, 0.5]
+    m01 = moving.data / moving.data.max()
+    fast = composition.compose_to_native(fixed, moving, grid, u, transform, m01, seg)
+    monkeypatch.setattr(composition, "integer_shift", lambda index_map, tol=1e-6: None)
+    slow = composition.compose_to_native(fixed, moving, grid, u, transform, m01, seg)
+    for name in ("disp", "warp_itk", "warped", "before", "net_coords"):
+        np.testing.assert_allclose(getattr(fast, name), getattr(slow, name), rtol=1e-4, atol=2e-4, err_msg=name)
+    np.testing.assert_array_equal(fast.before_seg, slow.before_seg)
+    assert (fast.warped_seg != slow.warped_seg).mean() < 1e-3  # nearest neighbour at float ties
+
+
+def test_coarse_to_fine_refinement_improves_the_match() -> None:
+    from eoir_cli.losses import ncc_loss
+    from eoir_cli.refine import refine
+    from eoir_cli.spatial import identity_grid, warp
+
+    torch.manual_seed(0)
+    grid = identity_grid((32, 40, 36))[0]
+    blobs = sum(torch.exp(-((grid - torch.rand(3, 1, 1, 1) * torch.tensor([32, 40, 36]).view(3, 1, 1, 1)) ** 2)
+                          .sum(0) / 20.0) for _ in range(12))
+    moving = (blobs / blobs.max())[None, None]
+    d_true = torch.stack([2.0 * torch.sin(2 * math.pi * grid[(c + 1) % 3] / 32) for c in range(3)])[None]
+    fixed = warp(moving, d_true)
+    start = -ncc_loss(moving, fixed, window=5).item()
+    disp = refine(fixed, moving, None, steps=10, lr=0.5, weight=1.0, window=5, int_steps=4, scale=0.5,
+                  coarse_steps=10)
+    assert disp.shape == (1, 3, 32, 40, 36)
+    assert -ncc_loss(warp(moving, disp), fixed, window=5).item() > start + 0.05
+
+
+# ------------------------------------------------------------------------------------------------ threads
+
+
+def test_thread_knob_sets_torch_threads_and_a_small_block_runs_on_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from eoir_cli.threads import THREADS_ENV, configure_threads, default_threads, torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(2) == 2 and torch.get_num_threads() == 2
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv(THREADS_ENV, "3")
+        assert default_threads() == 3
+        with pytest.raises(ValueError, match="threads: expected >= 1, got 0"):
+            configure_threads(0)
+    finally:
+        torch.set_num_threads(before)
