@@ -134,14 +134,17 @@ def _optimise(velocity: torch.Tensor, source: torch.Tensor, target: torch.Tensor
               weight: float, window: int, int_steps: int) -> torch.Tensor:
     """``steps`` Adam steps on ``ncc(warp(source, exp(v)), target) + weight · smooth(v)``; returns ``v``."""
     from eoir_cli.losses import ncc_loss, smoothness_loss
+    from eoir_cli.spatial import sample_torch_cached
 
     velocity = velocity.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([velocity], lr=lr)
     with torch.enable_grad():
         for step in range(steps):
             opt.zero_grad(set_to_none=True)
-            phi = integrate(velocity, int_steps)
-            sim = ncc_loss(warp(source, phi), target, window=window)
+            # The cached-grid sampler: the same warp with the identity grid built once per level
+            # instead of once per warp (5 warps forward and backward per step).
+            phi = integrate(velocity, int_steps, sampler=sample_torch_cached)
+            sim = ncc_loss(warp(source, phi, sampler=sample_torch_cached), target, window=window)
             loss = sim + weight * smoothness_loss(velocity, "l2")
             loss.backward()
             opt.step()
