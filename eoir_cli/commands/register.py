@@ -56,6 +56,9 @@ def register_command(
     affine: Annotated[bool, typer.Option("--affine/--no-affine", help="Affine pre-alignment.")] = True,
     refine: Annotated[int, typer.Option(min=0, help="Instance-optimisation steps after the network "
                                         "(0 = network only).")] = PIPELINE.refine,
+    refine_coarse: Annotated[int, typer.Option(min=0, help="Refinement steps at a quarter of the network grid "
+                                               "before the --refine steps at half (large grids).")]
+    = PIPELINE.refine_coarse,
     precision: Annotated[PrecisionChoice, typer.Option(help="PyTorch precision.")] = PrecisionChoice.fp32,
     lumir: Annotated[bool, typer.Option("--lumir", help="Inputs on the LUMIR grid; also write "
                                         "disp_<fixed>_<moving>.nii.gz.")] = False,
@@ -90,7 +93,8 @@ def register_command(
 
     configure_threads(threads)  # before torch loads: the OpenMP waiting policy is read once
     chosen = parse_outputs(None if outputs == "all" else outputs)
-    options = dict(affine=affine, refine=refine, lumir=lumir, spacing=spacing, window=parse_window(window),
+    options = dict(affine=affine, refine=refine, refine_coarse=refine_coarse, lumir=lumir, spacing=spacing,
+                   window=parse_window(window),
                    hd95=not no_hd95, labels=parse_labels(labels), fit_grid=fit_grid, allow_mismatch=allow_mismatch,
                    inverse=inverse, outputs=chosen)
     if pairs is not None:
