@@ -32,16 +32,18 @@ def available_cores() -> int:
 
 
 def default_threads() -> int:
-    """``$EOIR_THREADS`` when set to a positive integer, else one thread per available core."""
-    text = os.environ.get(THREADS_ENV, "").strip()
-    if text:
+    """``$EOIR_THREADS``, else ``$OMP_NUM_THREADS`` (positive integers), else one thread per available core."""
+    for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+        text = os.environ.get(name, "").strip()
+        if not text:
+            continue
         try:
             value = int(text)
         except ValueError:
             value = 0
         if value > 0:
             return value
-        log.warning("%s=%r ignored: expected a positive integer", THREADS_ENV, text)
+        log.warning("%s=%r ignored: expected a positive integer", name, text)
     return available_cores()
 
 
@@ -57,14 +59,13 @@ def configure_threads(threads: int | None = None) -> int:
     if threads is not None and threads < 1:
         raise ValueError(f"threads: expected >= 1, got {threads}")
     n = threads or default_threads()
-    if "torch" not in sys.modules:  # OpenMP reads its environment once, when torch loads it
-        os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
     if "torch" in sys.modules:
         import torch
 
         torch.set_num_threads(n)
-    else:
-        os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    else:  # OpenMP reads its environment once, when torch loads it
+        os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+        os.environ["OMP_NUM_THREADS"] = str(n)
     return n
 
 

@@ -282,8 +282,11 @@ def test_thread_knob_sets_torch_threads_and_a_small_block_runs_on_one(monkeypatc
         with torch_threads(1):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "5")
         monkeypatch.setenv(THREADS_ENV, "3")
         assert default_threads() == 3
+        monkeypatch.delenv(THREADS_ENV)
+        assert default_threads() == 5
         with pytest.raises(ValueError, match="threads: expected >= 1, got 0"):
             configure_threads(0)
     finally:

@@ -79,8 +79,8 @@ def register_command(
                                           )] = PIPELINE.inverse,
     outputs: Annotated[str, typer.Option(help="Outputs to write, comma-separated: warped,disp,warp_itk,"
                                          "warped_seg,jacobian,inverse,qc or none (metrics.json always).")] = "all",
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: $EOIR_THREADS, else one per "
-                                                "core this process may use).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: $EOIR_THREADS, else "
+                                                "$OMP_NUM_THREADS, else one per core this process may use).")] = None,
 ) -> None:
     """Register MOVING to FIXED; write warped, disp, warp_itk, warped_seg, jacobian, the inverse, metrics, qc.png.
 
