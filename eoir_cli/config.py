@@ -247,21 +247,21 @@ class TrainConfig:
 class PipelineDefaults:
     """Defaults of ``eoir register`` / ``eoir demo``, chosen by measurement (README, "Speed, and a busy CPU").
 
-    Refinement runs coarse to fine: 20 Adam steps at a quarter of the network grid (each ~1/8 the
-    cost of a half-resolution step), then 3 at half resolution, NCC window 5, 4 squaring steps.
-    On the labelled sample brains with today's bundled network this reaches mean Dice 0.708
-    (5 half-resolution steps alone: 0.691, 10: 0.712 at about twice the refinement time);
-    ``benchmarks/bench_default_pipeline.py`` re-measures it (``--refine 3 --coarse 20``).
+    Refinement runs coarse to fine: 30 Adam steps at a quarter of the network grid (each ~1/8 the
+    cost of a half-resolution step), then 2 at half resolution, NCC window 5, 4 squaring steps.
+    On the labelled sample brains with today's bundled network this reaches mean Dice 0.712, the
+    Dice of 10 half-resolution steps in about the time of 5 (5 alone: 0.691; 20 + 3: 0.708);
+    ``benchmarks/bench_default_pipeline.py --refine 2 --coarse 30`` re-measures it.
     """
 
     affine: bool = True
-    refine: int = 3
+    refine: int = 2
     refine_lr: float = 0.5
     refine_weight: float = 2.0
     refine_window: int = 5
     refine_int_steps: int = 4
     inverse: bool = True
-    refine_coarse: int = 20  # steps at a quarter of the network grid before the ``refine`` steps at half
+    refine_coarse: int = 30  # steps at a quarter of the network grid before the ``refine`` steps at half
 
 
 PIPELINE = PipelineDefaults()
