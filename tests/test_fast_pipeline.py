@@ -151,8 +151,9 @@ def test_outputs_option_writes_only_what_is_asked(cli_pair: dict[str, Path], tmp
     assert "jacobian_native" not in json.loads((out / "metrics.json").read_text())  # not computed either
     default = tmp_path / "default"
     assert _cli(cli_pair, default).exit_code == 0
-    assert sorted(p.name for p in default.iterdir()) == ["disp.nii.gz", "jacobian.nii.gz", "metrics.json", "qc.png",
-                                                         "warp_itk.nii.gz", "warped.nii.gz"]
+    assert sorted(p.name for p in default.iterdir()) == [
+        "affine_itk.txt", "disp.nii.gz", "inverse_disp.nii.gz", "inverse_warp_itk.nii.gz", "inverse_warped.nii.gz",
+        "jacobian.nii.gz", "metrics.json", "qc.png", "warp_itk.nii.gz", "warped.nii.gz"]
 
 
 def test_unknown_output_is_one_line(cli_pair: dict[str, Path], tmp_path: Path) -> None:
