@@ -366,6 +366,7 @@ def register(
         "warnings": warnings,
         "affine_ras": np.round(transform, 8).tolist(),
         "refine_steps": int(refine),
+        "refine_coarse_steps": int(refine_coarse) if refine > 0 else 0,
         "field": {**field_stats, "grid": "network grid: the whole transform (affine + network + refine) as a "
                                          "self-map of the network grid, interior voxels"},
     }
