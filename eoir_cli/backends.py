@@ -7,7 +7,7 @@ array axis c, pull-back on the fixed grid; see :mod:`eoir_cli.spatial`).
 ======================================  ===================  ==========================================
 suffix                                  backend              runtime
 ======================================  ===================  ==========================================
-``.pt`` ``.pth`` ``.safetensors``       TorchBackend         PyTorch (CPU/CUDA, fp32/bf16/fp16)
+``.pt`` ``.pth(.tar)`` ``.safetensors`` TorchBackend         PyTorch (CPU/CUDA, fp32/bf16/fp16)
 (or a preset name / ``"default"``)
 ``.onnx``                               OnnxBackend          onnxruntime (TensorRT/CUDA/CPU providers)
 ``.engine`` ``.plan``                   TensorRTBackend      TensorRT (CUDA GPU)
@@ -28,6 +28,7 @@ import numpy as np
 from eoir_cli.config import PRESETS, ModelConfig
 from eoir_cli.deployment import Deployment, deployment_of
 from eoir_cli.errors import EoirError, GpuUnavailableError
+from eoir_cli.fileio import model_suffix
 from eoir_cli.metadata import INPUT_NAMES, OUTPUT_NAME, normalization_of, parse_metadata
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 SUFFIXES: dict[str, str] = {
-    ".pt": "torch", ".pth": "torch", ".safetensors": "torch",
+    ".pt": "torch", ".pth": "torch", ".pth.tar": "torch", ".safetensors": "torch",
     ".onnx": "onnx",
     ".engine": "tensorrt", ".plan": "tensorrt",
 }
@@ -396,7 +397,7 @@ def backend_kind(path: str | os.PathLike[str]) -> str:
     name = str(path)
     if name == "default" or (name in PRESETS and not Path(name).exists()):
         return "torch"
-    suffix = Path(name).suffix.lower()
+    suffix = model_suffix(name)
     if suffix not in SUFFIXES:
         raise BackendError(f"{name}: unknown model suffix {suffix or '(none)'!r}; expected one of "
                            f"{', '.join(SUFFIXES)} (or a preset name: {', '.join(sorted(PRESETS))}, default)")

@@ -31,13 +31,13 @@ import torch
 
 from eoir_cli import __version__
 from eoir_cli.config import PRESETS, ModelConfig, resolve_config
-from eoir_cli.fileio import atomic_path
+from eoir_cli.fileio import atomic_path, model_suffix
 from eoir_cli.model import EOIR
 from eoir_cli.spatial import Sampler
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pth.tar", ".safetensors")  # .pth.tar: the original EOIR code's names
 
 _TO_OURS = (
     (re.compile(r"^simple_encoder\."), "encoder."),
@@ -155,7 +155,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
+    if model_suffix(path) == ".safetensors":
         state, meta = _safetensors_load(path)
         if "config" not in meta:
             config, grid = infer_original_config(state) if "simple_encoder.0.layer.0.weight" in state else (None, None)
@@ -165,9 +165,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str
         info: dict[str, Any] = {k: (json.loads(v) if k != "format" else v) for k, v in meta.items()
                                 if k != "config"} | {"format": meta.get("format", "eoir")}
         return _config_from(meta["config"], path), state, info
-    if path.suffix not in CHECKPOINT_SUFFIXES:
+    if model_suffix(path) not in CHECKPOINT_SUFFIXES:
         raise CheckpointError(
-            f"{path}: unknown checkpoint suffix {path.suffix!r}; expected one of {CHECKPOINT_SUFFIXES}"
+            f"{path}: unknown checkpoint suffix {model_suffix(path)!r}; expected one of {CHECKPOINT_SUFFIXES}"
         )
     data = _torch_load(path)
     if not isinstance(data, dict):

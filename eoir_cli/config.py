@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from eoir_cli.errors import InputError
+
 # The LUMIR 2024 grid (T1w brain, 1 mm isotropic): the bundled model's input size, the synthetic
 # default and the shape exports default to.
 LUMIR_SHAPE = (160, 224, 192)
@@ -23,7 +25,7 @@ def check_keys(cls: type, data: dict[str, Any], what: str) -> None:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{what}: unknown keys {unknown}; expected a subset of {sorted(names)}")
+        raise InputError(f"{what}: unknown keys {unknown}; expected a subset of {sorted(names)}")
 
 
 @dataclass(frozen=True)
@@ -53,15 +55,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.channels < 1:
-            raise ValueError(f"channels: expected >= 1, got {self.channels}")
+            raise InputError(f"channels: expected >= 1, got {self.channels}")
         if not 1 <= self.levels <= 8:
-            raise ValueError(f"levels: expected 1..8, got {self.levels}")
+            raise InputError(f"levels: expected 1..8, got {self.levels}")
         if self.int_steps < 0:
-            raise ValueError(f"int_steps: expected >= 0, got {self.int_steps}")
+            raise InputError(f"int_steps: expected >= 0, got {self.int_steps}")
         if self.large_kernel and (self.large_kernel <= 3 or self.large_kernel % 2 == 0):
-            raise ValueError(f"large_kernel: expected 0 or an odd size > 3, got {self.large_kernel}")
+            raise InputError(f"large_kernel: expected 0 or an odd size > 3, got {self.large_kernel}")
         if not 0.0 < self.input_scale <= 1.0:
-            raise ValueError(f"input_scale: expected 0 < s <= 1, got {self.input_scale}")
+            raise InputError(f"input_scale: expected 0 < s <= 1, got {self.input_scale}")
 
     @property
     def level_factors(self) -> tuple[int, int, int]:
@@ -121,7 +123,7 @@ def resolve_config(preset: str | ModelConfig, **overrides: Any) -> ModelConfig:
     try:
         base = PRESETS[preset]
     except KeyError:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}") from None
+        raise InputError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}") from None
     return base.replace(**overrides)
 
 

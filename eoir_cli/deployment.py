@@ -37,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from eoir_cli.config import LUMIR_SHAPE
+from eoir_cli.errors import InputError
 
 NormalizationKind = Literal["percentile", "divide", "window", "minmax"]
 NORMALIZATION_KINDS = ("percentile", "divide", "window", "minmax")
@@ -61,12 +62,12 @@ class Normalization:
 
     def __post_init__(self) -> None:
         if self.kind not in NORMALIZATION_KINDS:
-            raise ValueError(f"normalization kind: expected one of {NORMALIZATION_KINDS}, got {self.kind!r}")
+            raise InputError(f"normalization kind: expected one of {NORMALIZATION_KINDS}, got {self.kind!r}")
         if self.kind in ("percentile", "window") and not (self.low is not None and self.high is not None
                                                           and self.high > self.low):
-            raise ValueError(f"normalization {self.kind}: expected low < high, got {self.low}, {self.high}")
+            raise InputError(f"normalization {self.kind}: expected low < high, got {self.low}, {self.high}")
         if self.kind == "divide" and not (self.high is not None and self.high > 0):
-            raise ValueError(f"normalization divide: expected a divisor > 0, got {self.high}")
+            raise InputError(f"normalization divide: expected a divisor > 0, got {self.high}")
 
     @classmethod
     def parse(cls, value: Normalization | str | Mapping[str, Any]) -> Normalization:
@@ -75,12 +76,12 @@ class Normalization:
             return value
         if isinstance(value, str):
             if value not in ALIASES:
-                raise ValueError(f"normalization: expected one of {sorted(ALIASES)} or a spec, got {value!r}")
+                raise InputError(f"normalization: expected one of {sorted(ALIASES)} or a spec, got {value!r}")
             kind, low, high = ALIASES[value]
             return cls(kind, low, high)  # type: ignore[arg-type]
         unknown = set(value) - {"kind", "low", "high"}
         if unknown:
-            raise ValueError(f"normalization: unknown keys {sorted(unknown)}; expected kind, low, high")
+            raise InputError(f"normalization: unknown keys {sorted(unknown)}; expected kind, low, high")
         return cls(value.get("kind", "percentile"), value.get("low"), value.get("high"))
 
     @classmethod
@@ -162,11 +163,11 @@ class Deployment:
 
     def __post_init__(self) -> None:
         if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
-            raise ValueError(f"deployment spacing: expected 3 sizes > 0 mm, got {self.spacing}")
+            raise InputError(f"deployment spacing: expected 3 sizes > 0 mm, got {self.spacing}")
         if self.grid is not None and (len(self.grid) != 3 or min(self.grid) < 2):
-            raise ValueError(f"deployment grid: expected 3 sizes >= 2, got {self.grid}")
+            raise InputError(f"deployment grid: expected 3 sizes >= 2, got {self.grid}")
         if self.domain not in DOMAINS:
-            raise ValueError(f"deployment domain: expected one of {DOMAINS}, got {self.domain!r}")
+            raise InputError(f"deployment domain: expected one of {DOMAINS}, got {self.domain!r}")
 
     @property
     def modality(self) -> str | None:
@@ -186,7 +187,7 @@ class Deployment:
             data = json.loads(data)
         unknown = set(data) - {"spacing", "grid", "normalization", "domain"}
         if unknown:
-            raise ValueError(f"deployment: unknown keys {sorted(unknown)}; expected spacing, grid, normalization, "
+            raise InputError(f"deployment: unknown keys {sorted(unknown)}; expected spacing, grid, normalization, "
                              "domain")
         spacing, grid = data.get("spacing"), data.get("grid")
         return cls(spacing=_triple(spacing, float), grid=_triple(grid, int),

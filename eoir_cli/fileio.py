@@ -1,4 +1,4 @@
-"""Atomic file output: every file eoir writes appears whole or not at all."""
+"""File names and atomic output: every file eoir writes appears whole or not at all."""
 
 from __future__ import annotations
 
@@ -47,3 +47,10 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     """Write ``data`` as indented JSON atomically and return the path."""
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def model_suffix(path: str | os.PathLike[str]) -> str:
+    """The suffix that names a model file's format, lower case; ``.pth.tar`` (the original EOIR
+    code's checkpoint names) counts as one suffix."""
+    name = Path(path).name.lower()
+    return ".pth.tar" if name.endswith(".pth.tar") else Path(name).suffix

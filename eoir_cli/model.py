@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from eoir_cli.config import ModelConfig
+from eoir_cli.errors import InputError
 from eoir_cli.spatial import Sampler, check_size, compose, integrate, resize, resize_disp, warp
 
 
@@ -158,14 +159,14 @@ class EOIR(nn.Module):
         """Raise ``ValueError`` ("expected ..., got ...") for inputs the network cannot take."""
         for name, t in (("moving", moving), ("fixed", fixed)):
             if t.dim() != 5 or t.shape[1] != 1:
-                raise ValueError(f"{name}: expected (N, 1, D, H, W), got shape {tuple(t.shape)}")
+                raise InputError(f"{name}: expected (N, 1, D, H, W), got shape {tuple(t.shape)}")
         if moving.shape != fixed.shape:
-            raise ValueError(f"moving and fixed differ: {tuple(moving.shape)} vs {tuple(fixed.shape)}")
+            raise InputError(f"moving and fixed differ: {tuple(moving.shape)} vs {tuple(fixed.shape)}")
         size = tuple(moving.shape[2:])
         net = self.network_size(size)
         if self.config.input_scale != 1.0 and any(abs(n * self.config.input_scale - m) > 1e-6
                                                    for n, m in zip(size, net, strict=False)):
-            raise ValueError(f"input size {size}: expected sizes that input_scale "
+            raise InputError(f"input size {size}: expected sizes that input_scale "
                              f"{self.config.input_scale} maps to whole numbers")
         check_size(net, self.config.size_multiple(), "network input")
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from eoir_cli.coords import identity_grid, index_to_normalized, normalized_scale
 from eoir_cli.coords import jacobian_determinant as jacobian_determinant  # re-exported: part of the spatial API
 from eoir_cli.coords import spatial_gradient as spatial_gradient  # re-exported: part of the spatial API
+from eoir_cli.errors import InputError
 
 Mode = Literal["bilinear", "nearest"]
 SamplerFn = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
@@ -229,7 +230,7 @@ def check_size(size: Sequence[int], multiple: Sequence[int], what: str = "input"
     bad = [i for i, (s, m) in enumerate(zip(size, multiple, strict=False)) if s % m or (m > 1 and s < 2 * m)]
     if bad:
         fix = tuple(max(math.ceil(s / m), 2 if m > 1 else 1) * m for s, m in zip(size, multiple, strict=False))
-        raise ValueError(
+        raise InputError(
             f"{what} size {tuple(size)}: expected multiples of {tuple(multiple)} on every axis, at least "
             f"2x that where the pyramid halves (it halves {len(multiple)} axes); pad or crop, e.g. to {fix}"
         )

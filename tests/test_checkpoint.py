@@ -92,6 +92,27 @@ def test_channels_inferred_from_original_file(tmp_path: Path) -> None:
     assert model.config.levels == 5
 
 
+def test_original_pth_tar_name_loads_like_pth(tmp_path: Path) -> None:
+    # The original code saves "EOIR_oasis.pth.tar"; README's `eoir test --model EOIR_oasis.pth.tar` must work.
+    from export.backends import backend_kind
+
+    source = _source_model(channels=8)
+    path = _write_original(tmp_path / "EOIR_c8.pth.tar", source, (16, 16, 16))
+    assert backend_kind(path) == "torch"
+    model = load_model(path)
+    assert model.config.channels == 8
+    moving, fixed = _pair((32, 32, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(moving, fixed), source.eval()(moving, fixed), rtol=0, atol=1e-5)
+
+
+def test_unknown_suffix_lists_pth_tar(tmp_path: Path) -> None:
+    path = tmp_path / "model.tar"
+    path.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"unknown checkpoint suffix '\.tar'.*\.pth\.tar"):
+        load_model(path)
+
+
 def test_original_file_of_another_configuration_is_refused(tmp_path: Path) -> None:
     path = _write_original(tmp_path / "c8.pth", _source_model(channels=8), (16, 16, 16))
     with pytest.raises(CheckpointError, match="differs from the expected"):

@@ -36,8 +36,9 @@ def bench_command(
         help="Backend (repeatable); checkpoints are exported on the fly for onnx/onnx-native/tensorrt "
              "(default: the file's own backend; with no --model: torch and onnx).")] = None,
     shape: Annotated[tuple[int, int, int] | None, typer.Option(
-        help="Input size D H W in voxels [default: the bundled model's LUMIR grid 160 224 192; 64 64 64 for "
-             "other models].")] = None,
+        metavar="D H W",
+        help="Input size D H W in voxels (default: the bundled model's LUMIR grid 160 224 192; 64 64 64 for "
+             "other models).")] = None,
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per row.")] = 3,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first.")] = 1,
     threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads (default: library default).")] = None,

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from eoir_cli.commands.common import Device, cli_command, console
+from eoir_cli.config import PIPELINE
 
 
 class DemoPair(str, Enum):
@@ -58,7 +59,8 @@ def demo_command(
                                            "(Dice); template: MNI152 T1 -> SYNBRAIN_0001 (needs --data-dir).")]
     = DemoPair.subjects,
     model: Annotated[str, typer.Option(help="Model: the bundled brain model, a preset or a file.")] = "default",
-    refine: Annotated[int | None, typer.Option(min=0, help="Refinement steps [default: the pipeline's].")] = None,
+    refine: Annotated[int | None, typer.Option(
+        min=0, help=f"Refinement steps (default: the pipeline's, {PIPELINE.refine}).")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="Skip HD95, the slowest metric (for CI).")] = False,
     spacing: Annotated[float | None, typer.Option(min=0.5, help="Network voxel size in mm (default: the "
                                                   "model's).")] = None,

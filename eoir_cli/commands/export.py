@@ -20,13 +20,14 @@ def _default_output(model: str) -> Path:
     return Path(Path(model).stem + ".onnx")
 
 
-@cli_command
+@cli_command(interrupted="no partial file was left (files are written atomically)")
 def export_command(
     model: Annotated[str, typer.Argument(help="Checkpoint (.pt/.pth/.safetensors, ours or the original EOIR code's), "
                                               "'default' (bundled brain model) or a preset name (random weights).")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output .onnx path (default: MODEL.onnx "
                                                                        "in the current directory).")] = None,
     shape: Annotated[tuple[int, int, int] | None, typer.Option(
+        metavar="D H W",
         help="Input size D H W in voxels (default: the grid the model file records, else 160 224 192).")] = None,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Leave D, H, W symbolic (multiples of the pyramid "
                                                             "divisor); --shape is the example size.")] = False,

@@ -13,7 +13,8 @@ from eoir_cli.config import LUMIR_SHAPE
 
 @cli_command
 def info_command(
-    shape: Annotated[tuple[int, int, int], typer.Option(help="D H W at which FLOPs are counted.")] = LUMIR_SHAPE,
+    shape: Annotated[tuple[int, int, int], typer.Option(
+        metavar="D H W", help="D H W at which FLOPs are counted.")] = LUMIR_SHAPE,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Show presets (parameters, FLOPs per pair), library versions and available devices.

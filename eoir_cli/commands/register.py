@@ -10,6 +10,7 @@ import typer
 
 from eoir_cli.commands.common import Device, PrecisionChoice, cli_command, console, err_console, fail
 from eoir_cli.config import PIPELINE
+from eoir_cli.errors import InputError
 
 
 class BackendChoice(str, Enum):
@@ -26,7 +27,7 @@ def parse_window(text: str | None) -> tuple[float, float] | None:
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"--window: expected LOW,HIGH (e.g. -500,800), got {text!r}") from None
+        raise InputError(f"--window: expected LOW,HIGH (e.g. -500,800), got {text!r}") from None
     return lo, hi
 
 
@@ -37,10 +38,11 @@ def parse_labels(text: str | None) -> list[int] | None:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--labels: expected comma-separated integers (e.g. 2,3,41), got {text!r}") from None
+        raise InputError(f"--labels: expected comma-separated integers (e.g. 2,3,41), got {text!r}") from None
 
 
-@cli_command
+@cli_command(interrupted="no partial output was left (outputs appear only when a pair is complete); a batch "
+                         "keeps its finished pairs and resumes where it stopped when run again")
 def register_command(
     fixed: Annotated[Path | None, typer.Argument(help="Fixed image (.nii/.nii.gz): outputs live on its grid.")] = None,
     moving: Annotated[Path | None, typer.Argument(help="Moving image (.nii/.nii.gz), any orientation/spacing.")] = None,

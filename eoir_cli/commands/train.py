@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from eoir_cli.commands.common import cli_command, console
+from eoir_cli.errors import InputError
 
 
 class DatasetName(str, Enum):
@@ -32,7 +33,8 @@ class Penalty(str, Enum):
     l2 = "l2"
 
 
-@cli_command
+@cli_command(interrupted="the run folder keeps last.pt from the last --save-every step; continue with "
+                         "`eoir train --resume RUN_DIR`")
 def train_command(
     dataset: Annotated[DatasetName | None, typer.Option(
         help="Training data: synth needs no download. [default: synth]",
@@ -57,6 +59,7 @@ def train_command(
         min=0, help="Scaling-and-squaring steps per level (overrides the preset; 0 = none).",
     )] = None,
     shape: Annotated[tuple[int, int, int] | None, typer.Option(
+        metavar="D H W",
         help="Image size D H W fed to the model (synth: generated size) [default: synth 160 224 192, else native].",
     )] = None,
     steps: Annotated[int | None, typer.Option(min=1, help="Total optimisation steps (wins over --epochs).")] = None,
@@ -130,53 +133,69 @@ def train_command(
         "holdout": tuple(holdout) if holdout else None, "flip_fraction": flip_fraction,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    if resume is not None:
-        base = load_resume_config(str(resume))
-        config = base.replace(**given, resume=str(resume))
-        if out is None:
-            config = config.replace(out=str(resume if resume.is_dir() else resume.parent))
-    else:
-        config = TrainConfig(**given)
+    try:  # TrainConfig checks its fields ("expected ..., got ..."): here those are the user's values
+        if resume is not None:
+            base = load_resume_config(str(resume))
+            config = base.replace(**given, resume=str(resume))
+            if out is None:
+                config = config.replace(out=str(resume if resume.is_dir() else resume.parent))
+        else:
+            config = TrainConfig(**given)
+    except ValueError as err:
+        raise InputError(str(err)) from None
     result = _run_with_progress(config, train)
     metric = f"best val {result.metric_name} {result.best_metric:.4f}" if result.best_metric is not None else ""
     console.print(f"[green]trained[/] {result.steps} steps -> {result.out} ({metric}); "
                   f"weights: {result.files.get('model.safetensors')}")
 
 
-def _run_with_progress(config: Any, train: Any) -> Any:
-    import os
-
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def make_train_progress(out_console: Any) -> Any:
+    """The training bar. Step count, ETA and speed come first so that a narrow terminal (80 columns)
+    cuts the loss terms, not them; the bar itself is short."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.table import Column
     from rich.text import Text
 
     class Speed(ProgressColumn):
         def render(self, task: Any) -> Text:
             speed = task.finished_speed or task.speed
-            return Text(f"{speed:.2f} it/s" if speed else "-- it/s")
+            if not speed:
+                return Text("-- s/it")
+            return Text(f"{1 / speed:.1f} s/it" if speed < 1 else f"{speed:.1f} it/s")
+
+    return Progress(TextColumn("[bold]train"), MofNCompleteColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    Speed(), BarColumn(bar_width=12),
+                    TextColumn("{task.fields[terms]}", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                           ratio=1, min_width=0)),
+                    console=out_console, transient=False, expand=True)
+
+
+def train_terms_text(info: Any, last_val: str) -> str:
+    """The loss terms shown after the bar: ``total ncc smooth [dice] lr [val_...]``."""
+    t = info.terms
+    text = " ".join(f"{k} {t[k]:.4f}" for k in ("total", "ncc", "smooth", "dice") if k in t and (k != "dice" or t[k]))
+    return f"{text} lr {info.lr:.2e}{last_val}"
+
+
+def _run_with_progress(config: Any, train: Any) -> Any:
+    import os
 
     if int(os.environ.get("RANK", "0")) != 0:
         return train(config)
-    with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), Speed(), TimeElapsedColumn(),
-                  TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[terms]}"),
-                  console=console, transient=False) as progress:
-        task = progress.add_task("train", total=None, terms="")
-        last_val: list[str] = [""]
+    progress = make_train_progress(console)
+    task: list[Any] = []  # the bar appears with the first step, never as an empty "0/?" before an error
+    last_val = [""]
 
-        def callback(info: Any) -> None:
-            if info.val_metric is not None:
-                last_val[0] = f" val_{info.val_name} {info.val_metric:.4f}"
-            t = info.terms
-            text = " ".join(f"{k} {t[k]:.4f}" for k in ("total", "ncc", "smooth", "dice") if k in t and
-                            (k != "dice" or t[k]))
-            progress.update(task, total=info.total_steps, completed=info.step,
-                            terms=f"{text} lr {info.lr:.2e}{last_val[0]}")
+    def callback(info: Any) -> None:
+        if info.val_metric is not None:
+            last_val[0] = f" val_{info.val_name} {info.val_metric:.4f}"
+        if not task:
+            progress.start()
+            task.append(progress.add_task("train", total=info.total_steps, terms=""))
+        progress.update(task[0], total=info.total_steps, completed=info.step, terms=train_terms_text(info, last_val[0]))
 
+    try:
         return train(config, callback)
+    finally:
+        if task:
+            progress.stop()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eoir_cli.errors import EoirError
+from eoir_cli.errors import EoirError, InputError
 from eoir_cli.spatial import integrate, resize, resize_disp, warp
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,13 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or min(self.shape) < 2:
-            raise ValueError(f"synth shape: expected 3 sizes >= 2, got {self.shape}")
+            raise InputError(f"synth shape: expected 3 sizes >= 2, got {self.shape}")
         for name in ("shapes_fraction", "real_fraction", "background_zero", "flip_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name}: expected a probability in [0, 1], got {value}")
+                raise InputError(f"{name}: expected a probability in [0, 1], got {value}")
         if self.num_shape_labels < 2:
-            raise ValueError(f"num_shape_labels: expected >= 2, got {self.num_shape_labels}")
+            raise InputError(f"num_shape_labels: expected >= 2, got {self.num_shape_labels}")
 
 
 @dataclass

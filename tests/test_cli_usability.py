@@ -1,0 +1,118 @@
+"""The CLI's error policy, `--version`, `--debug` and what `--help` shows."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from eoir_cli import __version__
+from eoir_cli.cli import app
+from eoir_cli.commands.common import DEBUG_ENV
+from eoir_cli.errors import InputError
+
+runner = CliRunner()
+
+
+def _raise(exc: BaseException):  # noqa: ANN202
+    def boom(*args: object, **kwargs: object) -> None:
+        raise exc
+
+    return boom
+
+
+def test_version_prints_the_package_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"eoir {__version__}"
+
+
+def test_input_error_is_one_line_exit_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.setattr("eoir_cli.info.preset_table", _raise(InputError("shape: expected 3 sizes, got 2")))
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: shape: expected 3 sizes, got 2"
+
+
+def test_unexpected_error_is_reported_as_a_bug_with_the_debug_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.setattr("eoir_cli.info.preset_table", _raise(ValueError("index 7 out of range")))
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) <= 2  # one message (rich may wrap it), never a traceback
+    assert "Traceback" not in result.output
+    assert "unexpected ValueError: index 7 out of range" in result.output and "--debug" in result.output
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback_of_an_unexpected_error(monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.setattr("eoir_cli.info.preset_table", _raise(RuntimeError("real bug")))
+    if how == "env":
+        monkeypatch.setenv(DEBUG_ENV, "1")
+        result = runner.invoke(app, ["info"])
+    else:
+        result = runner.invoke(app, ["--debug", "info"])
+    assert isinstance(result.exception, RuntimeError) and str(result.exception) == "real bug"
+
+
+def test_ctrl_c_is_one_line_saying_what_was_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.setattr("eoir_cli.train.train", _raise(KeyboardInterrupt()))
+    result = runner.invoke(app, ["train", "--steps", "1", "--out", "unused"])
+    assert result.exit_code == 130
+    assert result.output.startswith("interrupted: the run folder keeps last.pt")
+    assert "eoir train --resume" in result.output and "Traceback" not in result.output
+
+
+def test_bad_train_config_value_is_one_line() -> None:
+    # TrainConfig validates --val-pairs etc. itself; at the CLI boundary those are the user's values.
+    result = runner.invoke(app, ["train", "--shape", "1", "64", "64", "--out", "unused"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: shape: expected 3 sizes >= 2, got (1, 64, 64)")
+
+
+@pytest.mark.parametrize("command", ["register", "test", "export", "bench", "demo", "train", "info"])
+def test_help_shows_no_value_type_for_flags(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output
+    assert "<int,int,int>" not in result.output
+
+
+def test_shape_options_read_d_h_w_in_help() -> None:
+    for command in ("train", "bench", "export", "info"):
+        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert re.search(r"--shape\s+D H W", result.output), (command, result.output)
+
+
+def test_training_bar_keeps_step_count_and_eta_at_80_columns() -> None:
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from eoir_cli.commands.train import make_train_progress, train_terms_text
+
+    con = Console(width=80, file=io.StringIO(), record=True)
+    progress = make_train_progress(con)
+    info = SimpleNamespace(terms={"total": -0.41234, "ncc": -0.50121, "smooth": 0.03125, "dice": 0.2}, lr=1e-4)
+    task = progress.add_task("train", total=2000, terms=train_terms_text(info, " val_dice 0.7012"))
+    progress.update(task, completed=120)
+    con.print(progress.get_renderable())
+    lines = [line for line in con.export_text().splitlines() if line.strip()]
+    assert len(lines) == 1 and len(lines[0]) <= 80, lines
+    assert "120/2000" in lines[0] and "eta" in lines[0] and "total -0.4123" in lines[0]
+
+
+def test_no_progress_bar_is_drawn_before_an_early_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from eoir_cli.errors import EoirError
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.setattr("eoir_cli.train.train", _raise(EoirError("--data-dir x: no such directory")))
+    result = runner.invoke(app, ["train", "--steps", "1", "--out", "unused"])
+    assert result.exit_code == 1
+    assert result.output == "error: --data-dir x: no such directory\n"
