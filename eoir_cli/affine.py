@@ -114,8 +114,17 @@ def affine_align(
     if not optimize:
         return init
     if factors is None:
+        # Levels that coincide on a small image (both factors 1 below ~42 voxels) merge, keeping
+        # the total number of steps.
         longest = max(fixed.shape)
-        factors = tuple(dict.fromkeys(max(1, round(longest / n)) for n in COARSE_SIZES))
+        merged: dict[int, int] = {}
+        for n, steps in zip(COARSE_SIZES, iterations, strict=True):
+            factor = max(1, round(longest / n))
+            merged[factor] = merged.get(factor, 0) + steps
+        factors, iterations = tuple(merged), tuple(merged.values())
+    if len(factors) != len(iterations):
+        raise ValueError(f"factors and iterations: expected one step count per level, got {len(factors)} "
+                         f"levels and {len(iterations)} counts")
     # Radius of the fixed foreground: the scale of the translation parameters.
     fixed_spacing = np.linalg.norm(fixed_affine[:3, :3], axis=0)
     fg = fixed > 0.05

@@ -54,3 +54,27 @@ def model_suffix(path: str | os.PathLike[str]) -> str:
     code's checkpoint names) counts as one suffix."""
     name = Path(path).name.lower()
     return ".pth.tar" if name.endswith(".pth.tar") else Path(name).suffix
+
+
+def check_output_dir(path: str | os.PathLike[str], what: str) -> Path:
+    """Check, before any computation, that ``path`` is or can become a folder we may write in.
+
+    Nothing is created. Raises ``EoirError`` naming ``what`` (e.g. ``--out``) when ``path`` is an
+    existing file, when a parent on the way is a file, or when the nearest existing folder is not
+    writable.
+    """
+    from eoir_cli.errors import EoirError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise EoirError(f"{what} {path}: expected a folder, got an existing file")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise EoirError(f"{what} {path}: cannot create it, {probe} is a file")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise EoirError(f"{what} {path}: {probe} is not writable")
+    return path

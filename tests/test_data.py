@@ -15,6 +15,7 @@ from eoir_cli.spatial import jacobian_determinant
 from tests.conftest_data import (
     abdomen_original_tree,
     acdc_tree,
+    blob,
     l2r_tree,
     lumir_tree,
     oasis2021_tree,
@@ -172,3 +173,65 @@ def test_synth_label_maps_and_real_pairs(tmp_path: Path) -> None:
     assert float(sample["moving"].max()) <= 180 / 255 + 1e-6
     with pytest.raises(Exception, match="expected >= 2 real images"):
         SynthPairs(SynthConfig(shape=(16, 16, 16), real_fraction=0.5), root / "brain_lumirlike" / "labelsTr")
+
+
+def test_lumir_validation_needs_only_the_validation_files(tmp_path: Path) -> None:
+    root = lumir_tree(tmp_path / "LUMIR")
+    (root / "imagesTr" / "LUMIRMRI_0001_0000.nii.gz").unlink()  # a training image the user did not download
+    layout = open_dataset("lumir", root, splits=("val",))
+    assert len(layout.val_pairs) == 2
+    with pytest.raises(DatasetError, match=r"training\[1\]: file .*LUMIRMRI_0001_0000.nii.gz does not exist"):
+        open_dataset("lumir", root)  # training reads it
+    (root / "SanityCheckLabelsTr" / "LUMIRMRI_3364_0000.nii.gz").unlink()
+    with pytest.raises(DatasetError, match=r"validation\[0\]: file .*LUMIRMRI_3364_0000.nii.gz does not exist"):
+        open_dataset("lumir", root, splits=("val",))
+
+
+def _pair_list(root: Path, n: int, split: list[str] | None = None, labels: list[int] | None = None) -> Path:
+    entries = []
+    for i in range(n + 1):
+        image, seg = blob((16, 16, 16), i % 3)
+        save(root / f"img{i}.nii.gz", image)
+        save(root / f"seg{i}.nii.gz", seg * 3)  # label values 3 and 6
+    for i in range(n):
+        entry = {"fixed": f"img{i}.nii.gz", "moving": f"img{i + 1}.nii.gz", "fixed_seg": f"seg{i}.nii.gz",
+                 "moving_seg": f"seg{i + 1}.nii.gz"}
+        if split:
+            entry["split"] = split[i]
+        entries.append(entry)
+    path = root / "pairs.json"
+    path.write_text(json.dumps({"pairs": entries, "labels": labels} if labels else entries))
+    return path
+
+
+def test_pair_list_training_holds_out_validation_pairs_and_uses_the_labels(tmp_path: Path) -> None:
+    from eoir_cli.data.datasets import build_training_data
+    from eoir_cli.train import TrainConfig
+
+    path = _pair_list(tmp_path / "ten", 10)
+    assert len(open_dataset("pairs", path).val_pairs) == 10  # `eoir test` evaluates every labelled pair
+    data = build_training_data(TrainConfig(dataset="pairs", data_dir=str(path), val_pairs=4, shape=(16, 16, 16)))
+    assert len(data.val) == 2  # min(--val-pairs 4, 10 // 5)
+    train_pairs = [data.train.pair(i) for i in range(200)]
+    assert {(p.fixed.image.name, p.moving.image.name) for p in train_pairs} == {
+        (f"img{i}.nii.gz", f"img{i + 1}.nii.gz") for i in range(10) if i not in (2, 7)}  # (k + 0.5) * 10 / 2
+    # Dice supervision: the label values found in the maps (3, 6) become classes 1, 2 (+ background).
+    assert data.num_classes == 3
+    assert set(data.train[0]["moving_labels"].unique().tolist()) <= {0, 1, 2}
+
+
+def test_pair_list_split_column_and_labels_key(tmp_path: Path) -> None:
+    from eoir_cli.data.datasets import build_training_data
+    from eoir_cli.train import TrainConfig
+
+    path = _pair_list(tmp_path / "split", 3, split=["train", "train", "val"], labels=[3])
+    layout = open_dataset("pairs", path)
+    assert [p.fixed.image.name for p in layout.train_pairs] == ["img0.nii.gz", "img1.nii.gz"]
+    assert [p.fixed.image.name for p in layout.val_pairs] == ["img2.nii.gz"]
+    assert layout.labels == (3,)
+    data = build_training_data(TrainConfig(dataset="pairs", data_dir=str(path), shape=(16, 16, 16)))
+    assert len(data.val) == 1 and data.num_classes == 2
+    bad = tmp_path / "split" / "bad.json"
+    bad.write_text(json.dumps([{"fixed": "img0.nii.gz", "moving": "img1.nii.gz", "split": "tset"}]))
+    with pytest.raises(DatasetError, match="expected split 'train' or 'val', got 'tset'"):
+        open_dataset("pairs", bad)

@@ -150,3 +150,67 @@ def test_test_and_register_give_the_same_field_for_the_same_pair(tmp_path: Path)
     assert res.metrics["deployment"]["normalization_used"]["kind"] == "divide"
     assert np.abs(submitted).max() > 1e-3  # a field worth comparing
     np.testing.assert_allclose(res.disp, submitted, atol=1e-4)
+
+
+def test_eval_output_checked_before_any_computation(tmp_path: Path) -> None:
+    root = lumir_tree(tmp_path / "LUMIR")
+    (tmp_path / "afile").write_text("x")
+    missing_model = str(tmp_path / "not_there.pt")  # the model is opened after the checks: never reached
+    for out, message in ((tmp_path / "afile", "expected a folder, got an existing file"),
+                         (tmp_path / "afile" / "sub", "cannot create it"),
+                         (root / "results", "outside the data directory")):
+        result = runner.invoke(app, ["test", "--dataset", "lumir", "--data-dir", str(root), "--model", missing_model,
+                                     "--out", str(out), "--device", "cpu"])
+        assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_eval_refuses_to_replace_results_without_overwrite(tmp_path: Path) -> None:
+    root = lumir_tree(tmp_path / "LUMIR")
+    model = _identity_model(tmp_path / "identity.pt")
+    out = tmp_path / "eval"
+    args = ["test", "--dataset", "lumir", "--data-dir", str(root), "--model", str(model), "--out", str(out),
+            "--device", "cpu", "--no-hd95"]
+    assert runner.invoke(app, args).exit_code == 0
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1
+    assert "already holds results (pairs.csv, summary.json); pass --overwrite" in again.output
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+
+
+def test_eval_pair_list_in_the_working_folder(tmp_path: Path) -> None:
+    # A pairs.csv beside the results folder is fine; an --out whose pairs.csv IS the list is refused.
+    from tests.conftest_data import pairs_tree
+
+    path = pairs_tree(tmp_path, fmt="csv", shape=(32, 32, 32))
+    model = _identity_model(tmp_path / "identity.pt")
+    ok = runner.invoke(app, ["test", "--dataset", "pairs", "--data-dir", str(path), "--model", str(model),
+                             "--out", str(tmp_path / "results"), "--device", "cpu", "--no-hd95"])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "results" / "pairs.csv").is_file()
+    clash = runner.invoke(app, ["test", "--dataset", "pairs", "--data-dir", str(path), "--model", str(model),
+                                "--out", str(tmp_path), "--device", "cpu", "--no-hd95", "--overwrite"])
+    assert clash.exit_code == 1 and "pairs.csv would replace the input" in clash.output
+    assert path.read_text().startswith("fixed,moving")
+
+
+def test_eval_says_network_alone_and_offers_the_register_pipeline(tmp_path: Path) -> None:
+    root = lumir_tree(tmp_path / "LUMIR")
+    model = _identity_model(tmp_path / "identity.pt")
+    alone = runner.invoke(app, ["test", "--dataset", "lumir", "--data-dir", str(root), "--model", str(model),
+                                "--out", str(tmp_path / "a"), "--device", "cpu", "--no-hd95"])
+    assert alone.exit_code == 0 and "network alone" in alone.output
+    piped = runner.invoke(app, ["test", "--dataset", "lumir", "--data-dir", str(root), "--model", str(model),
+                                "--out", str(tmp_path / "b"), "--device", "cpu", "--no-hd95", "--affine",
+                                "--refine", "2", "--labels", "2"])
+    assert piped.exit_code == 0, piped.output
+    assert "affine + network + 2 refinement steps" in piped.output
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["pipeline"] == {"affine": True, "refine": 2, "network_alone": False}
+    assert set(summary["dice_per_label"]) == {"2"}
+    # The blobs differ by a 2-voxel shift: affine + refinement must recover part of it.
+    assert summary["dice"] > summary["dice_before"] + 0.05
+
+
+def test_test_command_does_not_offer_synth() -> None:
+    result = runner.invoke(app, ["test", "--dataset", "synth", "--data-dir", ".", "--model", "default"])
+    assert result.exit_code == 2 and "synth" in result.output

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DATASETS = ("synth", "lumir", "oasis", "abdomen", "acdc", "pairs")
+SPLITS = ("train", "val", "test")
 NormalizationAlias = Literal["u8", "minmax", "ct"]  # names accepted by eoir_cli.deployment.normalize
 SYNTH_DEFAULT_SHAPE = LUMIR_SHAPE
 SYNTH_EPOCH = 1000
@@ -71,6 +72,7 @@ class PairRecord:
     fixed: ImageRecord
     moving: ImageRecord
     name: str = ""
+    split: str = ""  # a pair list's ``split`` column: "train", "val" or "" (not said)
 
     @property
     def label(self) -> str:
@@ -93,6 +95,8 @@ class DatasetLayout:
         normalization: how intensities map to [0, 1] (an alias of :func:`eoir_cli.deployment.normalize`).
         labels: label values used for training Dice and evaluation (None = all present).
         labels_eval: the manifest's ``labels_eval`` (the set it says to score), when it lists one.
+        explicit_split: the layout says which pairs validate; False for a pair list without a
+            ``split`` column, whose validation pairs are also its training pairs.
         spacing: voxel size in mm (evaluation HD95/TRE), None = read from the files.
     """
 
@@ -105,6 +109,7 @@ class DatasetLayout:
     normalization: NormalizationAlias = "minmax"
     labels: tuple[int, ...] | None = None
     labels_eval: tuple[int, ...] | None = None
+    explicit_split: bool = True  # False: a pair list without a split column (training holds pairs out)
 
     @property
     def scored_labels(self) -> tuple[int, ...] | None:
@@ -247,11 +252,51 @@ def label_lut(values: Sequence[int]) -> np.ndarray:
     return lut
 
 
+def hold_out_pairs(layout: DatasetLayout, count: int) -> DatasetLayout:
+    """Move up to ``count`` labelled pairs of a list without a split from training to validation.
+
+    At most a fifth of the labelled pairs is held out (at least one when there are two or more
+    pairs), evenly spaced through the list, so training never validates on a pair it trains on. A
+    list of one pair, or ``count == 0``, keeps training and validation on the same pairs (logged).
+    """
+    labelled = [i for i, p in enumerate(layout.train_pairs) if p.fixed.seg and p.moving.seg]
+    n = min(count, max(1, len(labelled) // 5)) if len(layout.train_pairs) >= 2 and labelled else 0
+    if n == 0:
+        if labelled:
+            log.warning("%s: validating on training pairs (no split column, and too few pairs or --val-pairs 0 to "
+                        "hold any out)", layout.root)
+        return dataclasses.replace(layout, val_pairs=[layout.train_pairs[i] for i in labelled], explicit_split=True)
+    held = {labelled[int((k + 0.5) * len(labelled) / n)] for k in range(n)}
+    log.info("%s: holding out %d of %d pairs for validation (add a split column to choose them)", layout.root, n,
+             len(layout.train_pairs))
+    return dataclasses.replace(
+        layout, train_pairs=[p for i, p in enumerate(layout.train_pairs) if i not in held],
+        val_pairs=[layout.train_pairs[i] for i in sorted(held)], explicit_split=True)
+
+
+def label_values(pairs: Sequence[PairRecord]) -> tuple[int, ...]:
+    """Sorted non-zero values found in the label maps of ``pairs`` (each distinct file read once)."""
+    from eoir_cli.io import load_volume
+
+    values: set[int] = set()
+    for path in sorted({r.seg for p in pairs for r in (p.fixed, p.moving) if r.seg is not None}):
+        values |= {int(v) for v in np.unique(load_volume(path, "label").data)}
+    values.discard(0)
+    if not values:
+        raise DatasetError(f"{pairs[0].fixed.seg}: the label maps of the training pairs hold no non-zero label")
+    return tuple(sorted(values))
+
+
 def build_training_data(config: TrainConfig) -> TrainingData:
     """Training samples, validation pairs and label classes for ``config.dataset``."""
     if config.dataset == "synth":
         return _synth_training_data(config)
     layout = open_dataset(config.dataset, config.data_dir)
+    if not layout.explicit_split:
+        layout = hold_out_pairs(layout, config.val_pairs)
+    if layout.labels is None and layout.name == "pairs" and layout.train_pairs and all(
+            p.fixed.seg is not None and p.moving.seg is not None for p in layout.train_pairs):
+        layout = dataclasses.replace(layout, labels=label_values(layout.train_pairs))
     train_labelled = layout.labels is not None and all(
         r.seg is not None for r in layout.train_images) and all(
         p.fixed.seg is not None and p.moving.seg is not None for p in layout.train_pairs)
@@ -361,8 +406,8 @@ def _rooted(root: Path, value: Any, where: str) -> Path:
     return root / value.lstrip("/").removeprefix("./")
 
 
-def _exists(path: Path, where: str) -> Path:
-    if not path.is_file():
+def _exists(path: Path, where: str, check: bool = True) -> Path:
+    if check and not path.is_file():
         raise DatasetError(f"{where}: file {path} does not exist")
     return path
 
@@ -390,25 +435,26 @@ def _entries(manifest: dict[str, Any], key: str, path: Path, required: bool = Tr
 
 
 def _image_entry(root: Path, entry: Any, where: str, seg_key: str | None = None,
-                 seg_from_image: bool = False) -> ImageRecord:
+                 seg_from_image: bool = False, check: bool = True) -> ImageRecord:
+    """One manifest image entry; ``check=False`` (a split this run does not read) skips the file checks."""
     if not isinstance(entry, dict) or "image" not in entry:
         raise DatasetError(f"{where}: expected an object with an 'image' path, got {entry!r}")
-    image = _exists(_rooted(root, entry["image"], where), where)
+    image = _exists(_rooted(root, entry["image"], where), where, check)
     seg = None
     if seg_key and entry.get(seg_key):
-        seg = _exists(_rooted(root, entry[seg_key], where), where)
+        seg = _exists(_rooted(root, entry[seg_key], where), where, check)
     elif seg_from_image:
         guess = Path(str(image).replace("/images", "/labels"))
         seg = guess if guess.is_file() else None
     return ImageRecord(image=image, seg=seg, entry=where, id=case_id(image))
 
 
-def _pair_entry(root: Path, entry: Any, where: str, seg_from_image: bool) -> PairRecord:
+def _pair_entry(root: Path, entry: Any, where: str, seg_from_image: bool, check: bool = True) -> PairRecord:
     if not isinstance(entry, dict) or "fixed" not in entry or "moving" not in entry:
         raise DatasetError(f"{where}: expected an object with 'fixed' and 'moving' paths, got {entry!r}")
     recs = []
     for key in ("fixed", "moving"):
-        image = _exists(_rooted(root, entry[key], f"{where}.{key}"), f"{where}.{key}")
+        image = _exists(_rooted(root, entry[key], f"{where}.{key}"), f"{where}.{key}", check)
         seg = None
         if seg_from_image:
             guess = Path(str(image).replace("/images", "/labels"))
@@ -427,19 +473,24 @@ def _need(records: Sequence[Any], n: int, what: str) -> None:
         raise DatasetError(f"{what}: expected at least {n}, got {len(records)}")
 
 
-def open_lumir(root: str | Path | None) -> DatasetLayout:
-    """LUMIR 2024: ``LUMIR_dataset.json`` (training / validation with seg / test pairs)."""
+def open_lumir(root: str | Path | None, splits: Sequence[str] = SPLITS) -> DatasetLayout:
+    """LUMIR 2024: ``LUMIR_dataset.json`` (training / validation with seg / test pairs).
+
+    Only the files of ``splits`` must exist (evaluating the validation pairs needs no training image).
+    """
     base = _check_root(root, "lumir")
     manifest_path = _find_manifest(base, ("LUMIR_dataset.json",), "lumir")
     manifest = _read_json(manifest_path)
-    train = [_image_entry(base, e, f"{manifest_path.name}: training[{i}]")
-             for i, e in enumerate(_entries(manifest, "training", manifest_path))]
-    val_images = [_image_entry(base, e, f"{manifest_path.name}: validation[{i}]", seg_key="seg")
+    train = [_image_entry(base, e, f"{manifest_path.name}: training[{i}]", check="train" in splits)
+             for i, e in enumerate(_entries(manifest, "training", manifest_path, required="train" in splits))]
+    val_images = [_image_entry(base, e, f"{manifest_path.name}: validation[{i}]", seg_key="seg",
+                               check="val" in splits)
                   for i, e in enumerate(_entries(manifest, "validation", manifest_path, required=False))]
     val_images = [r for r in val_images if r.seg is not None]
-    test = [_pair_entry(base, e, f"{manifest_path.name}: test[{i}]", seg_from_image=True)
+    test = [_pair_entry(base, e, f"{manifest_path.name}: test[{i}]", seg_from_image=True, check="test" in splits)
             for i, e in enumerate(_entries(manifest, "test", manifest_path, required=False))]
-    _need(train, 2, f"{manifest_path}: training images")
+    if "train" in splits:
+        _need(train, 2, f"{manifest_path}: training images")
     return DatasetLayout("lumir", base, train_images=train, val_pairs=_pairwise(val_images), test_pairs=test,
                          normalization="u8", labels=None, labels_eval=_labels_eval(manifest, manifest_path))
 
@@ -456,22 +507,27 @@ def _find_manifest(base: Path, names: Sequence[str], dataset: str) -> Path:
 
 
 def _l2r_json_layout(name: str, base: Path, manifest_path: Path, labels: tuple[int, ...],
-                     how: NormalizationAlias) -> DatasetLayout:
+                     how: NormalizationAlias, splits: Sequence[str] = SPLITS) -> DatasetLayout:
     """Learn2Reg ``*_dataset.json`` (2022+): ``training`` images (+ ``label``), ``registration_val``
-    pairs (labels = image path with images -> labels), ``registration_test`` pairs if listed."""
+    pairs (labels = image path with images -> labels), ``registration_test`` pairs if listed.
+    Only the files of ``splits`` must exist."""
     manifest = _read_json(manifest_path)
     tag = manifest_path.name
-    images = [_image_entry(base, e, f"{tag}: training[{i}]", seg_key="label", seg_from_image=True)
-              for i, e in enumerate(_entries(manifest, "training", manifest_path))]
+    images = [_image_entry(base, e, f"{tag}: training[{i}]", seg_key="label", seg_from_image=True,
+                           check="train" in splits)
+              for i, e in enumerate(_entries(manifest, "training", manifest_path, required="train" in splits))]
     val_key = next((k for k in ("registration_val", "validation") if k in manifest), "registration_val")
-    val = [_pair_entry(base, e, f"{tag}: {val_key}[{i}]", seg_from_image=True)
+    val = [_pair_entry(base, e, f"{tag}: {val_key}[{i}]", seg_from_image=True,
+                       check="val" in splits or ("test" in splits and not any(
+                           k in manifest for k in ("registration_test", "test"))))
            for i, e in enumerate(_entries(manifest, val_key, manifest_path, required=False))]
     test_key = next((k for k in ("registration_test", "test") if k in manifest), None)
-    test = [_pair_entry(base, e, f"{tag}: {test_key}[{i}]", seg_from_image=True)
+    test = [_pair_entry(base, e, f"{tag}: {test_key}[{i}]", seg_from_image=True, check="test" in splits)
             for i, e in enumerate(_entries(manifest, test_key, manifest_path, required=False))] if test_key else val
     in_val = {r.image for p in val for r in (p.fixed, p.moving)}
     train = [r for r in images if r.image not in in_val] or images
-    _need(train, 2, f"{manifest_path}: training images (outside the validation pairs)")
+    if "train" in splits:
+        _need(train, 2, f"{manifest_path}: training images (outside the validation pairs)")
     return DatasetLayout(name, base, train_images=train, val_pairs=[p for p in val if p.fixed.seg and p.moving.seg],
                          test_pairs=test, normalization=how, labels=labels,
                          labels_eval=_labels_eval(manifest, manifest_path))
@@ -500,12 +556,12 @@ def manifest_labels(path: str | Path) -> tuple[int, ...] | None:
     return _labels_eval(data, path) if isinstance(data, dict) else None
 
 
-def open_oasis(root: str | Path | None) -> DatasetLayout:
+def open_oasis(root: str | Path | None, splits: Sequence[str] = SPLITS) -> DatasetLayout:
     """OASIS: Learn2Reg 2022+ (``OASIS_dataset.json``) or 2021 task 3 (``L2R_2021_Task3_*`` folders)."""
     base = _check_root(root, "oasis")
     labels = tuple(range(1, 36))
     if (base / "OASIS_dataset.json").is_file():
-        return _l2r_json_layout("oasis", base, base / "OASIS_dataset.json", labels, "minmax")
+        return _l2r_json_layout("oasis", base, base / "OASIS_dataset.json", labels, "minmax", splits)
     train_dir = base / "L2R_2021_Task3_train"
     if not train_dir.is_dir():
         raise DatasetError(f"--data-dir {base}: expected OASIS_dataset.json (Learn2Reg 2022+) or the folder "
@@ -519,7 +575,8 @@ def open_oasis(root: str | Path | None) -> DatasetLayout:
 
     train = [record(train_dir, p.name[3:7], f"{train_dir.name}/{p.name}")
              for p in sorted(train_dir.glob("img*.nii.gz"))]
-    _need(train, 2, f"{train_dir}: training images img*.nii.gz")
+    if "train" in splits:
+        _need(train, 2, f"{train_dir}: training images img*.nii.gz")
     csv_path = next((p for p in (base / "pairs_val.csv", val_dir / "pairs_val.csv") if p.is_file()), None)
     pairs: list[PairRecord] = []
     if csv_path is not None:
@@ -555,12 +612,12 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     return rows
 
 
-def open_abdomen(root: str | Path | None) -> DatasetLayout:
+def open_abdomen(root: str | Path | None, splits: Sequence[str] = SPLITS) -> DatasetLayout:
     """Abdomen CT: Learn2Reg ``AbdomenCTCT_dataset.json`` or the original ``img/`` + ``label/`` layout."""
     base = _check_root(root, "abdomen")
     labels = tuple(range(1, 14))
     if (base / "AbdomenCTCT_dataset.json").is_file():
-        return _l2r_json_layout("abdomen", base, base / "AbdomenCTCT_dataset.json", labels, "ct")
+        return _l2r_json_layout("abdomen", base, base / "AbdomenCTCT_dataset.json", labels, "ct", splits)
     img_dir, lab_dir = base / "img", base / "label"
     if not img_dir.is_dir():
         raise DatasetError(f"--data-dir {base}: expected AbdomenCTCT_dataset.json or the folders img/ and label/, "
@@ -575,7 +632,8 @@ def open_abdomen(root: str | Path | None) -> DatasetLayout:
     train = [r for c, r in sorted(records.items()) if c <= 20]
     val = [r for c, r in sorted(records.items()) if 21 <= c <= 23]
     test = [r for c, r in sorted(records.items()) if c >= 24]
-    _need(train, 2, f"{img_dir}: training subjects img0001..img0020")
+    if "train" in splits:
+        _need(train, 2, f"{img_dir}: training subjects img0001..img0020")
     return DatasetLayout("abdomen", base, train_images=train,
                          val_pairs=[p for p in _pairwise(val) if p.fixed.seg and p.moving.seg],
                          test_pairs=_pairwise(test), normalization="ct", labels=labels)
@@ -609,7 +667,7 @@ def _acdc_frames(folder: Path) -> tuple[ImageRecord, ImageRecord]:
     return recs[0], recs[1]
 
 
-def open_acdc(root: str | Path | None) -> DatasetLayout:
+def open_acdc(root: str | Path | None, splits: Sequence[str] = SPLITS) -> DatasetLayout:
     """ACDC as released (``patientXXX/`` folders with ``Info.cfg``); ED->ES and ES->ED pairs."""
     base = _check_root(root, "acdc")
     folders = sorted({p for pattern in ("patient[0-9]*", "*/patient[0-9]*") for p in base.glob(pattern) if p.is_dir()},
@@ -628,7 +686,8 @@ def open_acdc(root: str | Path | None) -> DatasetLayout:
         ed, es = _acdc_frames(folder)
         both = [PairRecord(fixed=es, moving=ed), PairRecord(fixed=ed, moving=es)]
         (train if number in _ACDC_TRAIN else val if number <= 100 else test).extend(both)
-    _need(train, 1, f"{base}: ACDC training patients (001-017, 021-037, 041-057, 061-077, 081-097)")
+    if "train" in splits:
+        _need(train, 1, f"{base}: ACDC training patients (001-017, 021-037, 041-057, 061-077, 081-097)")
     return DatasetLayout("acdc", base, train_pairs=train,
                          val_pairs=[p for p in val if p.fixed.seg and p.moving.seg], test_pairs=test or val,
                          normalization="minmax", labels=(1, 2, 3))
@@ -686,9 +745,26 @@ def read_pair_list(path: str | Path) -> list[PairRecord]:
             seg = _exists(_resolve(base, str(seg_value)), f"{where}.{key}_seg") \
                 if seg_value else (_labels_beside(image) if manifest else None)
             recs.append(ImageRecord(image=image, seg=seg, entry=f"{where}.{key}", id=case_id(image)))
-        pairs.append(PairRecord(fixed=recs[0], moving=recs[1], name=str(entry.get("name") or "")))
+        split = str(entry.get("split") or "").strip().lower()
+        split = {"validation": "val", "training": "train"}.get(split, split)
+        if split not in ("", "train", "val"):
+            raise DatasetError(f"{where}: expected split 'train' or 'val', got {entry.get('split')!r}")
+        pairs.append(PairRecord(fixed=recs[0], moving=recs[1], name=str(entry.get("name") or ""), split=split))
     _need(pairs, 1, f"{path}: pairs")
     return pairs
+
+
+def _pair_list_labels(path: Path) -> tuple[int, ...] | None:
+    """The ``labels`` key of a JSON pair list ``{"pairs": [...], "labels": [...]}``, else None."""
+    if path.suffix.lower() != ".json":
+        return None
+    data = json.loads(path.read_text())  # read_pair_list has checked it parses
+    values = data.get("labels") if isinstance(data, dict) else None
+    if values is None:
+        return None
+    if not isinstance(values, list) or not values or not all(isinstance(v, int) and v > 0 for v in values):
+        raise DatasetError(f"{path}: expected 'labels' to be a list of positive integers, got {values!r}")
+    return tuple(values)
 
 
 def _labels_beside(image: Path) -> Path | None:
@@ -701,9 +777,15 @@ def _labels_beside(image: Path) -> Path | None:
     return None
 
 
-def open_pairs(root: str | Path | None) -> DatasetLayout:
+def open_pairs(root: str | Path | None, splits: Sequence[str] = SPLITS) -> DatasetLayout:
     """A pair list (:func:`read_pair_list`); ``--data-dir`` may be the file or a directory holding
-    ``pairs.json``/``pairs.csv``."""
+    ``pairs.json``/``pairs.csv``.
+
+    A ``split`` column (``train`` or ``val``) chooses what training validates on; without it every
+    pair is a training pair and every labelled pair a validation pair (``eoir test`` evaluates them
+    all; :func:`build_training_data` holds some out, see :func:`hold_out_pairs`). A JSON list's
+    ``labels`` key gives the label values of the Dice loss and metrics (default: read from the
+    label maps when training)."""
     if root is None:
         raise DatasetError("--dataset pairs: expected --data-dir pointing at a pairs .json/.csv file, got none")
     path = Path(root)
@@ -713,9 +795,19 @@ def open_pairs(root: str | Path | None) -> DatasetLayout:
         raise DatasetError(f"--data-dir {root}: expected a pairs .json/.csv file (or a folder with pairs.json), "
                            "got no such file")
     pairs = read_pair_list(path)
-    return DatasetLayout("pairs", path.parent, train_pairs=pairs,
-                         val_pairs=[p for p in pairs if p.fixed.seg and p.moving.seg], test_pairs=pairs,
-                         normalization="minmax", labels=None)
+    labels = _pair_list_labels(path)
+    labelled = [p for p in pairs if p.fixed.seg and p.moving.seg]
+    if any(p.split for p in pairs):
+        train = [p for p in pairs if p.split != "val"]
+        val = [p for p in labelled if p.split == "val"]
+        if "train" in splits:
+            _need(train, 1, f"{path}: training pairs (split 'train' or empty)")
+        return DatasetLayout("pairs", path.parent, train_pairs=train, val_pairs=val, test_pairs=pairs,
+                             normalization="minmax", labels=labels, labels_eval=manifest_labels(path),
+                             explicit_split=True)
+    return DatasetLayout("pairs", path.parent, train_pairs=pairs, val_pairs=labelled, test_pairs=pairs,
+                         normalization="minmax", labels=labels, labels_eval=manifest_labels(path),
+                         explicit_split=False)
 
 
 def _resolve(base: Path, value: str) -> Path:
@@ -727,10 +819,20 @@ def _resolve(base: Path, value: str) -> Path:
     return base / value.lstrip("/").removeprefix("./")
 
 
-def open_dataset(name: str, root: str | Path | None) -> DatasetLayout:
-    """Resolve a released dataset layout under ``root`` (see module docstring)."""
-    openers: dict[str, Callable[[str | Path | None], DatasetLayout]] = {
+def open_dataset(name: str, root: str | Path | None, splits: Sequence[str] = SPLITS) -> DatasetLayout:
+    """Resolve a released dataset layout under ``root`` (see module docstring).
+
+    Args:
+        name: ``lumir``, ``oasis``, ``abdomen``, ``acdc`` or ``pairs``.
+        root: data root (a pair list file for ``pairs``).
+        splits: the splits this run reads (``train``, ``val``, ``test``): only their files must
+            exist, so evaluating the validation pairs does not need the training images.
+    """
+    openers: dict[str, Callable[..., DatasetLayout]] = {
         "lumir": open_lumir, "oasis": open_oasis, "abdomen": open_abdomen, "acdc": open_acdc, "pairs": open_pairs}
     if name not in openers:
         raise DatasetError(f"--dataset: expected one of {sorted(openers)}, got {name!r}")
-    return openers[name](root)
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"splits: expected a subset of {SPLITS}, got {unknown}")
+    return openers[name](root, splits)
