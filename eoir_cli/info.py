@@ -87,3 +87,35 @@ def preset_table(shape: Sequence[int] | None = None) -> list[dict[str, Any]]:
                 row["gflops_error"] = str(err)
         rows.append(row)
     return rows
+
+
+def default_model_info() -> dict[str, Any]:
+    """What the bundled default model is, where it lives and where it came from (its provenance record).
+
+    Keys: ``path``, ``present``, ``bytes``, ``sha256_ok`` (file matches the record), ``parameters``,
+    ``model_config``, ``grid`` (the LUMIR grid it runs on), ``trained`` (steps, seconds, seed,
+    commit, machine), ``data``, ``held_out``, ``command`` (reproduces it), ``dice`` (mean Dice
+    before and after the default pipeline on the validation pairs of the record).
+    """
+    from eoir_cli.weights import DEFAULT_WEIGHTS, provenance, sha256
+
+    record = provenance()
+    present = DEFAULT_WEIGHTS.is_file()
+    summary = record.get("validation", {}).get("summary", {})
+    default_run = summary.get("network+affine+refine5", {})
+    return {
+        "path": str(DEFAULT_WEIGHTS),
+        "present": present,
+        "bytes": DEFAULT_WEIGHTS.stat().st_size if present else None,
+        "sha256_ok": present and sha256(DEFAULT_WEIGHTS) == record.get("sha256"),
+        "parameters": record.get("parameters"),
+        "model_config": record.get("model_config"),
+        "grid": "LUMIR grid 160x224x192 at 1 mm (T1w brain MRI); the network runs at x"
+                f"{record.get('model_config', {}).get('input_scale')} of it and upsamples its field",
+        "trained": {k: record.get(k) for k in ("steps", "train_seconds", "seed", "commit", "machine")},
+        "data": record.get("data"),
+        "held_out": record.get("held_out"),
+        "command": record.get("reproduce") or record.get("command"),
+        "dice": {"pairs": record.get("validation", {}).get("pairs"),
+                 "before": default_run.get("dice_before"), "after_default_pipeline": default_run.get("dice_after")},
+    }

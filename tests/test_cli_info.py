@@ -33,6 +33,20 @@ def test_info_table_renders() -> None:
     result = runner.invoke(app, ["info", "--shape", "32", "32", "32"])
     assert result.exit_code == 0, result.output
     assert "lumir" in result.output and "909,232" in result.output
+    assert "bundled default model" in result.output and "SHA-256 matches the record" in result.output
+
+
+def test_info_describes_the_bundled_default_model() -> None:
+    from eoir_cli.weights import provenance
+
+    result = runner.invoke(app, ["info", "--json", "--shape", "32", "32", "32"])
+    bundled = json.loads(result.output)["default_model"]
+    record = provenance()
+    assert bundled["present"] and bundled["sha256_ok"]
+    assert bundled["path"].endswith("eoir_brain_default.safetensors")
+    assert bundled["parameters"] == record["parameters"] == 90_399
+    assert bundled["trained"]["steps"] == record["steps"] and bundled["command"].startswith("eoir train")
+    assert 0 < bundled["dice"]["before"] < bundled["dice"]["after_default_pipeline"] < 1
 
 
 def test_ci_runs_the_readme_test_command() -> None:

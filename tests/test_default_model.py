@@ -68,10 +68,15 @@ def test_register_without_model_uses_the_bundled_model(tmp_path: Path, shared_da
 
 
 @pytest.mark.slow
-def test_demo_runs_on_the_shipped_pair_and_improves_dice(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--fast", "-o", str(out), "--device", "cpu"])
+def test_demo_runs_on_the_shipped_pair_and_improves_dice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without -o the demo writes to the user cache folder (here $EOIR_CACHE), never the working directory.
+    monkeypatch.setenv("EOIR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["demo", "--fast", "--device", "cpu"])
     assert result.exit_code == 0, result.output
+    out = tmp_path / "cache" / "demo"
+    assert f"writing to {out}/" in result.output.replace("\n", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
     metrics = json.loads((out / "metrics.json").read_text())
     seg = metrics["segmentation"]
     assert len(seg["labels"]) == 31

@@ -169,7 +169,7 @@ def test_cli_export_end_to_end_with_verify(tmp_path):
     assert meta["model_config"]["levels"] == 5
 
 
-def test_cli_trt_without_tensorrt_fails_cleanly(tmp_path):
+def test_cli_trt_without_tensorrt_writes_the_onnx_and_says_what_to_run(tmp_path):
     try:
         import tensorrt  # noqa: F401
         import torch
@@ -180,11 +180,19 @@ def test_cli_trt_without_tensorrt_fails_cleanly(tmp_path):
         pass
     ckpt = _checkpoint(tmp_path)
     out = tmp_path / "t.onnx"
-    result = runner.invoke(app, ["export", str(ckpt), "-o", str(out), "--shape", "32", "32", "32", "--trt"])
+    result = runner.invoke(app, ["export", str(ckpt), "-o", str(out), "--shape", "32", "32", "32", "--trt"],
+                           env={"COLUMNS": "300"})
     assert result.exit_code == 1
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and ("TensorRT" in lines[0] or "GPU" in lines[0])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt"]
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error:") and ("TensorRT" in last or "GPU" in last)
+    assert f"Wrote {out} only" in last and f"eoir export {out} --trt" in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.onnx", "tiny.pt"]
+    assert onnx.load(str(out)).graph.output[0].name == "disp"
+    # The printed command, run here, fails with one line (no TensorRT), not a traceback.
+    again = runner.invoke(app, ["export", str(out), "--trt"])
+    assert again.exit_code == 1 and again.output.startswith("error:") and "Traceback" not in again.output
+    plain = runner.invoke(app, ["export", str(out)])
+    assert plain.exit_code == 1 and "already an ONNX file: pass --trt" in plain.output
 
 
 def test_cli_bad_shape_is_one_line(tmp_path):

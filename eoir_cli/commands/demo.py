@@ -21,6 +21,16 @@ class DemoPair(str, Enum):
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_data"
 
 
+def default_out_dir() -> Path:
+    """Where ``eoir demo`` writes without ``-o``: ``$EOIR_CACHE`` or the user cache folder
+    (``$XDG_CACHE_HOME/eoir/demo``, else ``~/.cache/eoir/demo``), never the working directory."""
+    env = os.environ.get("EOIR_CACHE")
+    if env:
+        return Path(env) / "demo"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "eoir" / "demo"
+
+
 def default_data_dir() -> Path | None:
     """``$EOIR_DATA`` if set, else None (the sample pair shipped inside the package is used)."""
     env = os.environ.get("EOIR_DATA")
@@ -52,7 +62,8 @@ def demo_inputs(pair: DemoPair, data_dir: Path | None) -> tuple[Path, Path, Path
 
 @cli_command
 def demo_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("eoir_demo"),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default: the user cache folder, "
+                                                        "~/.cache/eoir/demo or $EOIR_CACHE/demo; printed).")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Shared sample data root (default: $EOIR_DATA, else the "
                                                   "pair shipped in the package).")] = None,
     pair: Annotated[DemoPair, typer.Option(help="subjects: SYNBRAIN_0001 -> SYNBRAIN_0002 with label maps "
@@ -68,7 +79,9 @@ def demo_command(
 ) -> None:
     """Register a sample brain pair, print Dice before/after and per-stage timings, write outputs + qc.png.
 
-    Example: eoir demo -o eoir_demo
+    Example: eoir demo            (outputs in ~/.cache/eoir/demo)
+
+    Example: eoir demo -o my_demo --fast
     """
     from rich.table import Table
 
@@ -80,6 +93,9 @@ def demo_command(
     # The label rule of register and test: the data's manifest labels_eval.
     manifest = SAMPLE_DIR / "labels.json" if root is None else root / "brain_lumirlike" / "SYNBRAIN_dataset.json"
     labels = manifest_labels(manifest)
+    if out is None:
+        out = default_out_dir()
+        console.print(f"writing to {out}/ (the user cache folder; -o DIR to choose)", highlight=False)
     result = register(fixed, moving, out, model=model, device=device.value, moving_seg=moving_seg,
                       fixed_seg=fixed_seg, refine=refine, spacing=spacing, hd95=not fast,
                       labels=labels)

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from eoir_cli.commands.common import cli_command, console
+from eoir_cli.commands.common import cli_command, console, fail
 
 
 class ExportSamplerChoice(str, Enum):
@@ -22,8 +22,10 @@ def _default_output(model: str) -> Path:
 
 @cli_command(interrupted="no partial file was left (files are written atomically)")
 def export_command(
-    model: Annotated[str, typer.Argument(help="Checkpoint (.pt/.pth/.safetensors, ours or the original EOIR code's), "
-                                              "'default' (bundled brain model) or a preset name (random weights).")],
+    model: Annotated[str, typer.Argument(help="Checkpoint (.pt/.pth/.pth.tar/.safetensors, ours or the original EOIR "
+                                              "code's), 'default' (bundled brain model), a preset name (random "
+                                              "weights), or an .onnx written by eoir export (with --trt: build its "
+                                              "engine).")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Output .onnx path (default: MODEL.onnx "
                                                                        "in the current directory).")] = None,
     shape: Annotated[tuple[int, int, int] | None, typer.Option(
@@ -39,7 +41,9 @@ def export_command(
                                                       "typed path; with --trt on TensorRT 10 the builder flag "
                                                       "is used on an fp32 ONNX instead).")] = False,
     trt: Annotated[bool, typer.Option("--trt", help="Also build OUT.engine (+ OUT.engine.json) with TensorRT; "
-                                                    "needs tensorrt and a CUDA GPU.")] = False,
+                                                    "needs tensorrt and a CUDA GPU. Without them the .onnx is still "
+                                                    "written and the command to build the engine is printed.")]
+    = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare onnxruntime with PyTorch on a "
                                                                       "smooth synthetic pair (fp32 must be "
                                                                       "< 1e-3 voxels).")] = True,
@@ -52,21 +56,42 @@ def export_command(
     """Export MODEL to ONNX, check it, verify it against PyTorch and report TensorRT compatibility.
 
     Example: eoir export default -o eoir.onnx --shape 160 224 192
+
+    Engine on the GPU machine: eoir export eoir.onnx --trt
     """
     from rich.table import Table
 
     from eoir_cli.checkpoint import load_model
+    from eoir_cli.errors import GpuUnavailableError
+    from eoir_cli.fileio import model_suffix
     from export.onnx_export import torch2onnx
 
+    from_onnx = model_suffix(model) == ".onnx"
+    if from_onnx and not trt:
+        raise fail(f"{model} is already an ONNX file: pass --trt to build a TensorRT engine from it")
     output = output or _default_output(model)
     onnx_fp16 = fp16
+    no_trt = None  # why TensorRT cannot run here: the ONNX is still written, and the command to finish is printed
     if trt:
         from export.tensorrt import require_tensorrt, trt_major
 
-        trt_mod = require_tensorrt()  # fail before any work or file when TensorRT/GPU are missing
-        if fp16 and trt_major(trt_mod) < 11:
-            onnx_fp16 = False  # TensorRT 10: fp32 ONNX + BuilderFlag.FP16
-            console.print(f"TensorRT {trt_mod.__version__}: fp16 via BuilderFlag.FP16 on an fp32 ONNX")
+        try:
+            trt_mod = require_tensorrt()  # checked before any work
+        except GpuUnavailableError as err:
+            if from_onnx:
+                raise
+            no_trt = str(err)
+        else:
+            if fp16 and trt_major(trt_mod) < 11 and not from_onnx:
+                onnx_fp16 = False  # TensorRT 10: fp32 ONNX + BuilderFlag.FP16
+                console.print(f"TensorRT {trt_mod.__version__}: fp16 via BuilderFlag.FP16 on an fp32 ONNX")
+    if from_onnx:
+        from export.tensorrt import onnx2engine
+
+        with console.status(f"building the TensorRT engine from {model}..."):
+            engine = onnx2engine(model, fp16=fp16, workspace_gb=workspace)
+        console.print(f"wrote {engine} (+ {engine.name}.json)", highlight=False)
+        return
     net = load_model(model, device="cpu")
     info = getattr(net, "checkpoint_info", {}) or {}
     from eoir_cli.config import LUMIR_SHAPE
@@ -101,10 +126,15 @@ def export_command(
         table.add_row("verify", "skipped (--no-verify)")
     report = result.trt or {}
     table.add_row("TensorRT", f"{report.get('summary', '?')} [assumes {report.get('assumes', '?')}]")
-    if trt:
+    if trt and no_trt is None:
         from export.tensorrt import onnx2engine
 
         with console.status("building the TensorRT engine..."):
             engine = onnx2engine(output, fp16=fp16, workspace_gb=workspace)
         table.add_row("engine", f"{engine} (+ {engine.name}.json)")
+    elif trt:
+        table.add_row("engine", "[yellow]not built here[/] (see below)")
     console.print(table)
+    if no_trt is not None:
+        raise fail(f"{no_trt}. Wrote {output} only; build the engine where TensorRT and the GPU are: "
+                   f"eoir export {output} --trt{' --fp16' if fp16 else ''}")
