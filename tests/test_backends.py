@@ -13,7 +13,8 @@ from eoir_cli.errors import GpuUnavailableError
 
 
 @pytest.mark.parametrize(("name", "kind"), [
-    ("m.pt", "torch"), ("m.pth", "torch"), ("EOIR_oasis.pth.tar", "torch"), ("m.safetensors", "torch"), ("m.onnx", "onnx"),
+    ("m.pt", "torch"), ("m.pth", "torch"), ("EOIR_oasis.pth.tar", "torch"), ("m.safetensors", "torch"),
+    ("m.onnx", "onnx"),
     ("m.engine", "tensorrt"), ("m.plan", "tensorrt"), ("lumir", "torch"), ("default", "torch"), ("M.ONNX", "onnx"),
 ])
 def test_backend_kind_by_suffix(name, kind):
@@ -22,7 +23,8 @@ def test_backend_kind_by_suffix(name, kind):
 
 @pytest.mark.parametrize("name", ["brain.nii.gz", "model.h5", "weights"])
 def test_unknown_suffix_lists_the_supported_ones(name):
-    with pytest.raises(BackendError, match=r"expected one of \.pt, \.pth, \.pth\.tar, \.safetensors, \.onnx, \.engine, \.plan"):
+    with pytest.raises(BackendError,
+                       match=r"expected one of \.pt, \.pth, \.pth\.tar, \.safetensors, \.onnx, \.engine, \.plan"):
         load_backend(name)
 
 
