@@ -1,6 +1,6 @@
 """Accuracy vs time of the default registration pipeline on the labelled sample brains.
 
-Runs ``eoir_cli.register`` on the three labelled pairs of ``shared/data/brain_lumirlike`` (the
+Runs ``eoir_cli.pipeline`` on the three labelled pairs of ``shared/data/brain_lumirlike`` (the
 SYNBRAIN_dataset.json ``test`` pairs, 31 evaluation labels) for several pipeline settings:
 network alone, network + affine, network + refinement (N steps), and refinement without the
 network (an untrained-network baseline is not meaningful, so "refine only" uses a zero network).
@@ -49,7 +49,7 @@ def run(model: str, settings: list[dict[str, Any]], data: Path, threads: int | N
     from eoir_cli import metrics
     from eoir_cli.backends import open_backend
     from eoir_cli.io import load_volume
-    from eoir_cli.register import register
+    from eoir_cli.pipeline import register
 
     if threads:
         torch.set_num_threads(threads)

@@ -2,7 +2,7 @@
 
 For each of the three ``SYNBRAIN_dataset.json`` test pairs of ``shared/data/brain_lumirlike``:
 
-1. the default pipeline (``eoir_cli.register``, bundled model, affine, refine 5) with the
+1. the default pipeline (``eoir_cli.pipeline``, bundled model, affine, refine 5) with the
    inverse: forward registration time (load .. compose), inverse time (inversion on the network
    grid + the inverse chain on the moving grid), and ``metrics.json``'s inverse consistency in the
    brain (both directions, through the written fields);
@@ -37,7 +37,7 @@ def _pairs(data: Path) -> list[tuple[Path, Path]]:
 
 
 def pipeline(data: Path) -> list[dict[str, Any]]:
-    from eoir_cli.register import register
+    from eoir_cli.pipeline import register
 
     pairs = _pairs(data)
     register(pairs[0][0], pairs[0][1], None, hd95=False, qc=False)  # warm-up (allocator, model load)

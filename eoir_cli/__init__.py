@@ -6,7 +6,12 @@ Public API (imported lazily so ``eoir --help`` stays instant)::
     from eoir_cli import open_backend, run_pair                          # a model on one pair
     from eoir_cli import Deployment, Normalization, normalize           # what a model file says about its inputs
     from eoir_cli import load_model, save_checkpoint, ModelConfig, TrainConfig, PRESETS
-    from eoir_cli import warp, integrate, compose, train, evaluate, run_bench
+    from eoir_cli import warp, integrate, compose, run_bench
+    from eoir_cli.train import train                                     # a name shared with its module:
+    from eoir_cli.evaluate import evaluate                               # import it from there
+
+A public name is never also a submodule's name: importing ``eoir_cli.<name>`` binds the module to
+that attribute, so ``from eoir_cli import <name>`` would give the module, not the function.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ _LAZY = {
     "compose": "eoir_cli.spatial",
     "resize_disp": "eoir_cli.spatial",
     "jacobian_determinant": "eoir_cli.spatial",
-    "register": "eoir_cli.register",
-    "RegistrationResult": "eoir_cli.register",
+    "register": "eoir_cli.pipeline",
+    "RegistrationResult": "eoir_cli.pipeline",
     "register_pairs": "eoir_cli.batch",
     "read_pair_list": "eoir_cli.data.datasets",
     "open_backend": "eoir_cli.backends",
@@ -43,8 +48,6 @@ _LAZY = {
     "Deployment": "eoir_cli.deployment",
     "Normalization": "eoir_cli.deployment",
     "normalize": "eoir_cli.deployment",
-    "train": "eoir_cli.train",
-    "evaluate": "eoir_cli.evaluate",
     "run_bench": "eoir_cli.bench",
     "BenchSpec": "eoir_cli.bench",
 }

@@ -61,13 +61,13 @@ def register_pairs(
 
     Args:
         pairs: from :func:`read_pair_list`.
-        options: forwarded to :func:`eoir_cli.register.register` (``affine``, ``refine``, ``lumir``, ...).
+        options: forwarded to :func:`eoir_cli.pipeline.register` (``affine``, ``refine``, ``lumir``, ...).
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from eoir_cli.backends import open_backend
     from eoir_cli.io import load_volume
-    from eoir_cli.register import register
+    from eoir_cli.pipeline import register
 
     out = Path(out_dir)
     # Open the model once, and only when some pair is left to do; a model that cannot be opened

@@ -85,7 +85,7 @@ def evaluate(model_path: str, dataset: str, data_dir: str | Path, out: str | Pat
 
     By default the network alone is evaluated on the dataset's own grid and intensity
     normalisation (the challenge setting). With ``affine`` or ``refine > 0`` every pair goes through
-    :func:`eoir_cli.register.register` instead (the ``eoir register`` pipeline: percentile
+    :func:`eoir_cli.pipeline.register` instead (the ``eoir register`` pipeline: percentile
     intensities, the model's network grid, affine pre-alignment, refinement), and metrics are
     computed on the fixed image's grid from that pipeline's field.
 
@@ -230,7 +230,7 @@ def _network_row(net: Any, pair: Any, normalization: Any, hd95: bool,
 def _pipeline_row(backend: Any, pair: Any, affine: bool, refine: int, hd95: bool,
                   labels: Sequence[int] | None) -> tuple[dict[str, Any], dict[int, float]]:
     """Metrics of the ``eoir register`` pipeline (affine + network + refinement) on the fixed grid."""
-    from eoir_cli.register import register
+    from eoir_cli.pipeline import register
 
     res = register(pair.fixed.image, pair.moving.image, None, model=backend, moving_seg=pair.moving.seg,
                    fixed_seg=pair.fixed.seg, affine=affine, refine=refine, hd95=hd95, qc=False, labels=labels)
@@ -281,7 +281,7 @@ def write_submission(net: Any, layout: Any, folder: Path,
         _refuse_inside(folder, layout.root)
     for i, pair in enumerate(layout.test_pairs):
         if pipeline is not None:
-            from eoir_cli.register import register
+            from eoir_cli.pipeline import register
 
             res = register(pair.fixed.image, pair.moving.image, None, model=net, affine=pipeline[0],
                            refine=pipeline[1], qc=False)

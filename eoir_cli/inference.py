@@ -17,16 +17,19 @@ import numpy as np
 
 
 def padded_size(size: Sequence[int], multiple: Sequence[int], scale: float) -> tuple[int, int, int]:
-    """Smallest size >= ``size`` that ``scale`` maps to whole multiples of ``multiple``.
+    """Smallest size >= ``size`` that ``scale`` maps to whole multiples of ``multiple``, at least two
+    of them where the pyramid halves (its coarsest level needs 2 voxels per axis, as
+    :func:`eoir_cli.spatial.check_size` requires).
 
-    Example: size 150, multiple 16, scale 0.5 -> 160 (160 * 0.5 = 80 = 5 * 16).
+    Example: size 150, multiple 16, scale 0.5 -> 160 (160 * 0.5 = 80 = 5 * 16); size 17 -> 64 (32 = 2 * 16).
     """
     out = []
     for n, m in zip(size, multiple, strict=True):
         p = max(int(n), 1)
+        least = 2 * m if m > 1 else 1
         while True:
             net = p * scale
-            if abs(net - round(net)) < 1e-6 and round(net) % m == 0 and round(net) >= m:
+            if abs(net - round(net)) < 1e-6 and round(net) % m == 0 and round(net) >= least:
                 break
             p += 1
         out.append(p)

@@ -125,7 +125,7 @@ def write_outputs(out_dir: Path, result: RegistrationResult, fixed: Volume, mseg
 
     Args:
         out_dir: destination folder.
-        result: what :func:`eoir_cli.register.register` computed.
+        result: what :func:`eoir_cli.pipeline.register` computed.
         fixed: the fixed volume (affine and header of every output).
         mseg: the moving label map (its integer dtype is kept for ``warped_seg``), or None.
         names: output file names (``OUTPUT_NAMES`` plus the LUMIR submission name with ``lumir``).

@@ -94,7 +94,7 @@ def test_channels_inferred_from_original_file(tmp_path: Path) -> None:
 
 def test_original_pth_tar_name_loads_like_pth(tmp_path: Path) -> None:
     # The original code saves "EOIR_oasis.pth.tar"; README's `eoir test --model EOIR_oasis.pth.tar` must work.
-    from export.backends import backend_kind
+    from eoir_cli.backends import backend_kind
 
     source = _source_model(channels=8)
     path = _write_original(tmp_path / "EOIR_c8.pth.tar", source, (16, 16, 16))

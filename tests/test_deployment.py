@@ -132,8 +132,8 @@ def test_exported_abdomen_model_runs_at_its_own_spacing_and_normalisation(
         ct_pair: tuple[Path, Path], abdomen_onnx: Path, tmp_path: Path) -> None:
     from eoir_cli.backends import open_backend
     from eoir_cli.inference import run_pair
+    from eoir_cli.pipeline import register
     from eoir_cli.preprocess import NetworkGrid, antialias_sigma, resample_affine
-    from eoir_cli.register import register
 
     meta = {p.key: p.value for p in onnx.load(str(abdomen_onnx)).metadata_props}
     assert json.loads(meta["deployment"])["spacing"] == [2.0, 2.0, 2.0]
@@ -182,7 +182,7 @@ def test_a_model_given_another_modality_is_refused_in_one_line(
 
 def test_allow_mismatch_runs_anyway(ct_pair: tuple[Path, Path], abdomen_onnx: Path) -> None:
     from eoir_cli.io import Volume
-    from eoir_cli.register import DomainMismatch, register
+    from eoir_cli.pipeline import DomainMismatch, register
 
     fixed, _ = ct_pair
     mri_like = nib.load(str(fixed))

@@ -36,7 +36,8 @@ def _identity_model(path: Path) -> Path:
 
 
 def test_padded_size_golden() -> None:
-    assert padded_size((150, 160, 17), (16, 16, 16), 0.5) == (160, 160, 32)  # 160*0.5 = 80 = 5*16; 17 -> 32 (16*1)
+    # 160*0.5 = 80 = 5*16; 17 -> 64: 64*0.5 = 32 = 2*16 (the coarsest level needs 2 voxels per axis)
+    assert padded_size((150, 160, 17), (16, 16, 16), 0.5) == (160, 160, 64)
     assert padded_size((32, 32, 32), (16, 16, 16), 1.0) == (32, 32, 32)
 
 
@@ -136,7 +137,7 @@ def test_few_step_training_on_fake_lumir(tmp_path: Path) -> None:
 
 def test_test_and_register_give_the_same_field_for_the_same_pair(tmp_path: Path) -> None:
     from eoir_cli.deployment import DATASET_DEPLOYMENT
-    from eoir_cli.register import register
+    from eoir_cli.pipeline import register
 
     root = lumir_tree(tmp_path / "LUMIR")
     torch.manual_seed(0)

@@ -60,3 +60,19 @@ def test_no_import_circles() -> None:
 
     circles = sorted(m for m in graph if m in reachable(m))
     assert circles == []
+
+
+def test_public_names_are_not_submodule_names() -> None:
+    # `import eoir_cli.X` binds the submodule to the package attribute X, hiding a lazily exported
+    # function X: README's `from eoir_cli import register` once gave a module ("not callable").
+    import importlib
+
+    import eoir_cli
+
+    submodules = {m.split(".")[1] for m in _modules() if m.startswith("eoir_cli.")}
+    clashes = sorted(set(eoir_cli._LAZY) & submodules)
+    assert not clashes, f"public names that are also submodules: {clashes}"
+    importlib.import_module("eoir_cli.pipeline")
+    from eoir_cli import register
+
+    assert callable(register) and register.__module__ == "eoir_cli.pipeline"

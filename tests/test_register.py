@@ -24,7 +24,7 @@ from eoir_cli.cli import app
 from eoir_cli.config import PRESETS
 from eoir_cli.errors import EoirError
 from eoir_cli.model import EOIR
-from eoir_cli.register import register
+from eoir_cli.pipeline import register
 
 runner = CliRunner()
 SPACING = 4.0  # mm of the network grid in these tests

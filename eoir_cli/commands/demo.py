@@ -86,7 +86,7 @@ def demo_command(
     from rich.table import Table
 
     from eoir_cli.data.datasets import manifest_labels
-    from eoir_cli.register import register
+    from eoir_cli.pipeline import register
 
     root = data_dir or default_data_dir()
     fixed, moving, fixed_seg, moving_seg = demo_inputs(pair, root)

@@ -1,4 +1,4 @@
-"""``eoir register``: one pair, or a batch from pairs.csv / dataset.json (a thin skin over eoir_cli.register)."""
+"""``eoir register``: one pair, or a batch from pairs.csv / dataset.json (a thin skin over eoir_cli.pipeline)."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def register_command(
         return
     if fixed is None or moving is None:
         raise fail("expected FIXED and MOVING images (or --pairs FILE); see eoir register --help")
-    from eoir_cli.register import DomainMismatch, register
+    from eoir_cli.pipeline import DomainMismatch, register
 
     def show_stage(stage: str, seconds: float) -> None:
         console.print(f"  {stage:<10} {seconds:6.2f} s", highlight=False)

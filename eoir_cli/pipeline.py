@@ -1,4 +1,5 @@
-"""Register two NIfTI scans end to end: the pipeline behind ``eoir register`` and :func:`register`.
+"""Register two NIfTI scans end to end: the pipeline behind ``eoir register`` and :func:`register`
+(``from eoir_cli import register``; the module is not called ``register`` so that name stays the function).
 
 Pipeline: load and validate -> intensities to [0, 1] -> the network grid (fixed image's closest
 canonical orientation at the model spacing, cropped/padded around the foreground) -> affine
