@@ -240,7 +240,8 @@ def _pipeline_row(backend: Any, pair: Any, affine: bool, refine: int, hd95: bool
                            "dice_before": seg["dice_before_mean"]}
     if hd95:
         row["hd95_mm"] = seg["hd95_after_mean"]
-    row.update(res.metrics["field"])
+    field = res.metrics["field"]  # also holds a note saying which grid: keep the three numbers of field_metrics
+    row.update({k: field[k] for k in ("ndv_percent", "jac_nonpos_percent", "sdlogj")})
     from eoir_cli.io import load_volume
 
     spacing = voxel_spacing(load_volume(pair.fixed.image, "image").affine)
