@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from eoir_cli.coords import ras_to_lps
+from eoir_cli.errors import InputError
 from eoir_cli.io import save_volume
 
 
@@ -134,4 +135,4 @@ def save_itk_affine(path: str | os.PathLike[str], transform_ras: np.ndarray) -> 
             with open(tmp, "wb") as f:
                 savemat(f, {ITK_AFFINE_NAME: params.reshape(12, 1), "fixed": np.zeros((3, 1))}, format="4")
         return path
-    raise ValueError(f"{path}: expected an ITK transform suffix .txt, .tfm or .mat, got {path.suffix!r}")
+    raise InputError(f"{path}: expected an ITK transform suffix .txt, .tfm or .mat, got {path.suffix!r}")
