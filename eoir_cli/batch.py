@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from eoir_cli.errors import EoirError
 from eoir_cli.outputs import DONE_MARKER, copy_atomic
 
 __all__ = ["PairOutcome", "read_pair_list", "register_pairs"]
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,8 +57,10 @@ def register_pairs(
 ) -> list[PairOutcome]:
     """Register many pairs with one loaded model, into ``out_dir/<pair label>/``.
 
-    Pairs whose folder already holds ``metrics.json`` are skipped (the batch is resumable); a pair
-    that fails is reported and the batch goes on. ``summary.csv`` is written to ``out_dir``.
+    Pairs whose folder already holds ``metrics.json`` are skipped (the batch is resumable; with
+    ``overwrite=True`` they are registered again); a pair that fails is reported and the batch goes
+    on (an unexpected exception's traceback is logged at DEBUG level: ``eoir --debug`` shows it).
+    ``summary.csv`` is written to ``out_dir``.
     With ``lumir=True`` each ``disp_<fixed>_<moving>.nii.gz`` is also placed in ``out_dir`` itself
     (the flat layout a LUMIR submission expects, as a hard link: the field is written once).
     The next pair is read and the previous one written on two I/O threads while a pair is computed.
@@ -66,18 +72,23 @@ def register_pairs(
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from eoir_cli.backends import open_backend
+    from eoir_cli.fileio import check_output_dir
     from eoir_cli.io import load_volume
+    from eoir_cli.outputs import clean_stale_staging
     from eoir_cli.pipeline import register
 
-    out = Path(out_dir)
+    out = check_output_dir(out_dir, "output folder")  # before any model is opened or pair registered
+    overwrite = bool(options.get("overwrite"))
     # Open the model once, and only when some pair is left to do; a model that cannot be opened
     # fails the whole batch (one line), not every pair in turn.
-    todo = [not (out / p.label / DONE_MARKER).is_file() for p in pairs]
+    todo = [overwrite or not (out / p.label / DONE_MARKER).is_file() for p in pairs]
     net = open_backend(model, backend, device, precision) if any(todo) else None
     outcomes: list[PairOutcome] = []
     errors = (EoirError, ValueError, OSError, RuntimeError)
 
     def failed(label: str, err: BaseException) -> PairOutcome:
+        if not isinstance(err, (EoirError, OSError)):  # a bug, most likely: `eoir --debug` shows where
+            log.debug("pair %s: unexpected %s", label, type(err).__name__, exc_info=True)
         text = str(err).strip()
         return PairOutcome(label, "failed", error=text.splitlines()[0] if text else type(err).__name__)
 
@@ -122,6 +133,7 @@ def register_pairs(
             ThreadPoolExecutor(1, thread_name_prefix="eoir-write") as writer:
         for n, pair in enumerate(pairs):
             pair_dir = out / pair.label
+            clean_stale_staging(pair_dir)
             if not todo[n]:
                 finish_pending()
                 try:

@@ -2,18 +2,24 @@
 
 Outputs are staged in a hidden folder and moved in place when all succeeded.
 
-Every output of one pair is first written into ``<out>/.eoir-partial-XXXX/``; only when all of them
-exist are they renamed into ``<out>`` (same file system: each rename is atomic), ``metrics.json``
-last, so its presence marks a finished pair (what a resumed batch skips). On any error the staging
-folder is removed (and ``<out>`` too when this call created it and it is still empty).
+Every output of one pair is first written into ``<out>/.eoir-partial-<host>-<pid>-XXXX/``; only when
+all of them exist are they renamed into ``<out>`` (same file system: each rename is atomic),
+``metrics.json`` last, so its presence marks a finished pair (what a resumed batch skips). On any
+error, Ctrl-C included, the staging folder is removed (and ``<out>`` too when this call created it and
+it is still empty). A process killed outright (SIGKILL, power loss) cannot clean up: the next run
+into the same folder removes staging folders whose process, on this host, is gone
+(:func:`clean_stale_staging`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +32,10 @@ from eoir_cli.errors import EoirError
 from eoir_cli.io import Volume, save_volume
 from eoir_cli.preprocess import NetworkGrid
 
+log = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".eoir-partial-"
+STALE_UNKNOWN_OWNER_S = 24 * 3600  # a staging folder without a readable owner is stale after a day
 OUTPUT_NAMES = ("warped.nii.gz", "disp.nii.gz", "warp_itk.nii.gz", "warped_seg.nii.gz", "jacobian.nii.gz",
                 "inverse_warped.nii.gz", "inverse_disp.nii.gz", "inverse_warp_itk.nii.gz", "affine_itk.txt",
                 "metrics.json", "qc.png")
@@ -94,12 +104,77 @@ class RegistrationResult:
     write: Callable[[], dict[str, Path]] | None = None  # pending writer (``register(..., write_later=True)``)
 
 
+def _host() -> str:
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:40] or "host"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_staging(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove the staging folders in ``out_dir`` left by processes that died without cleaning up.
+
+    A folder ``.eoir-partial-<host>-<pid>-XXXX`` is stale when ``<host>`` is this machine and no
+    process ``<pid>`` runs; one whose owner cannot be read (an older name) when it is older than
+    ``STALE_UNKNOWN_OWNER_S``. Folders of live processes, or of other hosts sharing the folder, are
+    left alone.
+
+    Returns:
+        The removed folders.
+    """
+    out_dir = Path(out_dir)
+    removed: list[Path] = []
+    if not out_dir.is_dir():
+        return removed
+    host = _host()
+    for stage in out_dir.glob(STAGING_PREFIX + "*"):
+        if not stage.is_dir():
+            continue
+        parts = stage.name[len(STAGING_PREFIX):].rsplit("-", 2)
+        if len(parts) == 3 and parts[1].isdigit():
+            stale = parts[0] == host and not _process_alive(int(parts[1]))
+        else:
+            stale = time.time() - stage.stat().st_mtime > STALE_UNKNOWN_OWNER_S
+        if stale:
+            shutil.rmtree(stage, ignore_errors=True)
+            removed.append(stage)
+            log.info("removed %s: staging folder of a run that ended without cleaning up", stage)
+    return removed
+
+
+def check_output_folder(out_dir: str | os.PathLike[str], names: Sequence[str], overwrite: bool) -> Path:
+    """Check an output folder before any computation: a folder that can be created and written,
+    not holding the outputs of an earlier registration unless ``overwrite``.
+
+    Raises:
+        EoirError: naming the folder and what is wrong.
+    """
+    from eoir_cli.fileio import check_output_dir
+
+    out = check_output_dir(out_dir, "output folder")
+    if not overwrite and out.is_dir():
+        found = [n for n in names if (out / n).exists()]
+        if found:
+            raise EoirError(f"output folder {out} already holds registration results ({', '.join(found[:3])}"
+                            f"{', ...' if len(found) > 3 else ''}); pass --overwrite (overwrite=True) to replace "
+                            "them, or choose another folder")
+    return out
+
+
 @contextmanager
 def staging(out_dir: Path) -> Iterator[Path]:
-    """A hidden folder inside ``out_dir``; on error it is removed (and ``out_dir`` if we made it empty)."""
+    """A hidden folder inside ``out_dir``, named after this host and process (see the module
+    docstring); on error it is removed (and ``out_dir`` if we made it empty)."""
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".eoir-partial-", dir=out_dir))
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{_host()}-{os.getpid()}-", dir=out_dir))
     try:
         yield stage
     except BaseException:

@@ -28,7 +28,14 @@ from eoir_cli.config import LUMIR_SHAPE, PIPELINE
 from eoir_cli.deployment import Deployment, Normalization, assumed_deployment, normalize
 from eoir_cli.errors import EoirError
 from eoir_cli.io import Volume, check_same_grid, load_volume
-from eoir_cli.outputs import OUTPUT_NAMES, RegistrationResult, check_outputs_are_not_inputs, write_outputs
+from eoir_cli.outputs import (
+    OUTPUT_NAMES,
+    RegistrationResult,
+    check_output_folder,
+    check_outputs_are_not_inputs,
+    clean_stale_staging,
+    write_outputs,
+)
 from eoir_cli.preprocess import (
     NetworkGrid,
     antialias_sigma,
@@ -160,6 +167,7 @@ def register(
     outputs: str | Sequence[str] | None = None,
     progress: StageCallback | None = None,
     write_later: bool = False,
+    overwrite: bool = False,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and (with ``out_dir``) write every output atomically.
 
@@ -209,6 +217,8 @@ def register(
             paths), e.g. on another thread while the next pair of a batch is computed.
         inverse: also compute the inverse transform (``inverse_*.nii.gz`` on the moving grid) and
             its inverse consistency (``metrics.json``), when ``outputs`` includes ``inverse``.
+        overwrite: replace the results of an earlier registration in ``out_dir`` (else refused
+            before any computation).
 
     Returns:
         A :class:`RegistrationResult`.
@@ -247,6 +257,8 @@ def register(
             names.append(f"disp_{ids[0]}_{ids[1]}.nii.gz")
         if out_dir is not None:
             check_outputs_are_not_inputs(Path(out_dir), [fixed_v, moving_v, mseg, fseg], names)
+            check_output_folder(out_dir, names, overwrite)
+            clean_stale_staging(out_dir)
     if refine is None:
         refine = PIPELINE.refine
     if refine < 0:
@@ -317,8 +329,12 @@ def register(
     with timer("compose"):
         from eoir_cli.composition import compose_to_native
         from eoir_cli.coords import physical_jacobian
+        from eoir_cli.qc import apply_window, display_window
 
-        native = compose_to_native(fixed_v, moving_v, grid, network_disp, transform, moving01,
+        # qc.png shows CT in a soft-tissue window (the network's normalisation spans air to bone).
+        shown_window = display_window(fixed_v.data) if qc else None
+        moving_shown = apply_window(moving_v.data, shown_window) if shown_window else moving01
+        native = compose_to_native(fixed_v, moving_v, grid, network_disp, transform, moving_shown,
                                    mseg.data if mseg is not None else None)
         jacobian = physical_jacobian(native.disp, fixed_v.affine, moving_v.affine) if want_jacobian else None
     inverse_maps = inversion = None
@@ -351,8 +367,20 @@ def register(
         with timer("qc"):
             from eoir_cli.qc import render_qc
 
-            warped01 = normalize(native.warped, norm, reference=moving_v.data)  # the moving image's contrast
-            png = render_qc(fixed01, native.before, warped01, native.net_coords, jacobian, fixed_v.affine)
+            if shown_window:
+                fixed_shown, warped_shown = (apply_window(v, shown_window) for v in (fixed_v.data, native.warped))
+            else:  # the moving image's contrast
+                fixed_shown, warped_shown = fixed01, normalize(native.warped, norm, reference=moving_v.data)
+            notes = [f"NDV {field_stats['ndv_percent']:.4f} %",
+                     f"det J <= 0: {field_stats['jac_nonpos_percent']:.4f} %",
+                     f"network grid {'x'.join(map(str, grid.shape))} at {float(np.mean(grid.spacing)):g} mm"]
+            if shown_window:
+                notes.append(f"CT shown at {shown_window[0]:g}..{shown_window[1]:g} HU")
+            dice = ((seg_stats["dice_before_mean"], seg_stats["dice_after_mean"], len(seg_stats["labels"]))
+                    if seg_stats else None)
+            png = render_qc(fixed_shown, native.before, warped_shown, native.net_coords, jacobian, fixed_v.affine,
+                            fixed_name=fixed_v.path.name if fixed_v.path else None,
+                            moving_name=moving_v.path.name if moving_v.path else None, dice=dice, notes=notes)
 
     result_metrics: dict[str, Any] = {
         "fixed": str(fixed_v.path) if fixed_v.path else None,

@@ -66,6 +66,12 @@ def display_window(data: np.ndarray) -> tuple[float, float] | None:
     return CT_DISPLAY_WINDOW if lo <= -700 and hi >= 100 else None
 
 
+def apply_window(data: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Raw intensities -> [0, 1] float32 through a display window ``(low, high)`` (e.g. HU)."""
+    lo, hi = window
+    return np.clip((np.asarray(data, np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
 def _gray(img: np.ndarray) -> np.ndarray:
     v = (np.clip(img, 0, 1) * 255).astype(np.uint8)
     return np.repeat(v[..., None], 3, axis=2)
@@ -146,11 +152,15 @@ def _letters(panel: np.ndarray, plane: str) -> None:
     th, tw = text_size("X", 2)
     draw_text(panel, left, h // 2 - th // 2, 3, color=MARKER)
     draw_text(panel, right, h // 2 - th // 2, w - tw - 3, color=MARKER)
-    draw_text(panel, top, 3, w // 2 - tw // 2, color=MARKER)
-    draw_text(panel, bottom, h - th - 2, w // 2 - tw // 2, color=MARKER)
+    if h >= 5 * th:  # a thin slab has no room for top and bottom letters beside its content
+        draw_text(panel, top, 3, w // 2 - tw // 2, color=MARKER)
+        draw_text(panel, bottom, h - th - 2, w // 2 - tw // 2, color=MARKER)
 
 
 def _vertical_text(text: str, height: int, scale: int = 2, color: Sequence[int] = TEXT) -> np.ndarray:
+    """``text`` reading bottom to top, centred in ``height`` rows (smaller when it would not fit)."""
+    if text_size(text, scale)[1] > height and scale > 1:
+        scale = 1
     th, tw = text_size(text, scale)
     strip = np.zeros((th + 2, max(tw, 1), 3), np.uint8)
     strip[:] = BACKGROUND
@@ -158,9 +168,9 @@ def _vertical_text(text: str, height: int, scale: int = 2, color: Sequence[int] 
     rotated = np.rot90(strip)  # reads bottom to top
     out = np.zeros((max(height, rotated.shape[0]), rotated.shape[1], 3), np.uint8)
     out[:] = BACKGROUND
-    top = (out.shape[0] - rotated.shape[0]) // 2
+    top = max((height - rotated.shape[0]) // 2, 0)
     out[top:top + rotated.shape[0]] = rotated
-    return out[:height] if height >= rotated.shape[0] else out
+    return out[:height]
 
 
 def _colour_bar(height: int) -> np.ndarray:
@@ -252,12 +262,12 @@ def render_qc(
     col_w = [max(r[c].shape[1] for r in rows) for c in range(len(titles))]
     col_w = [max(w, text_size(t, 2)[1]) for w, t in zip(col_w, titles, strict=True)]
     label_w = LINE_HEIGHT * 2 + 4
-    bar = _colour_bar(rows[0][0].shape[0])
+    bar = _colour_bar(max(rows[0][0].shape[0], 170))  # its own column: may run past a short first row
     header_lines = _header(fixed_name, moving_name, dice, notes)
     header_h = PAD + len(header_lines) * (LINE_HEIGHT * 2 + 4)
     title_h = LINE_HEIGHT * 2 + 2
     width = label_w + sum(col_w) + PAD * (len(col_w) + 1) + bar.shape[1] + PAD
-    height = header_h + title_h + sum(r[0].shape[0] + PAD for r in rows) + PAD
+    height = header_h + title_h + max(sum(r[0].shape[0] + PAD for r in rows), bar.shape[0]) + PAD
     canvas = np.zeros((height, width, 3), np.uint8)
     canvas[:] = BACKGROUND
     y = PAD

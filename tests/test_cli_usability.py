@@ -116,3 +116,17 @@ def test_no_progress_bar_is_drawn_before_an_early_error(monkeypatch: pytest.Monk
     result = runner.invoke(app, ["train", "--steps", "1", "--out", "unused"])
     assert result.exit_code == 1
     assert result.output == "error: --data-dir x: no such directory\n"
+
+
+def test_train_help_shows_the_defaults_of_train_config() -> None:
+    from eoir_cli.config import TrainConfig
+
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    rows = {line.split()[1]: line for line in result.output.splitlines() if line.strip().startswith("│ --")}
+    d = TrainConfig()
+    for option, value in (("--lr", d.lr), ("--val-every", d.val_every), ("--save-every", d.save_every),
+                          ("--batch-size", d.batch_size), ("--smooth-weight", d.smooth_weight),
+                          ("--val-pairs", d.val_pairs), ("--preset", d.preset), ("--out", d.out)):
+        assert f"[default: {value}]" in rows[option], rows[option]
+    assert "[default: off]" in rows["--amp"] and "[default: the preset's]" in rows["--channels"]

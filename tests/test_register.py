@@ -459,6 +459,77 @@ def test_inputs_are_never_overwritten(pair: dict[str, Path], tiny_model: Path, t
     assert victim.read_bytes() == before
 
 
+def test_output_location_is_checked_before_any_computation(pair: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("x")
+    for out, message in ((tmp_path / "a_file", "expected a folder, got an existing file"),
+                         (tmp_path / "a_file" / "sub", "cannot create it")):
+        # The model does not exist: the output check must come first (it used to fail after the whole run).
+        result = runner.invoke(app, ["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(out),
+                                     "--model", str(tmp_path / "missing.pt")])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Errno" not in result.output
+
+
+def test_results_are_not_replaced_without_overwrite(pair: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(out), "--model", str(tiny_model),
+            "--spacing", str(SPACING), "--no-affine", "--no-hd95"]
+    assert runner.invoke(app, [*args, "--refine", "0"]).exit_code == 0
+    stamp = (out / "metrics.json").read_bytes()
+    again = runner.invoke(app, [*args, "--refine", "1"])
+    assert again.exit_code == 1 and "already holds registration results" in again.output
+    assert "--overwrite" in again.output and (out / "metrics.json").read_bytes() == stamp
+    replaced = runner.invoke(app, [*args, "--refine", "1", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((out / "metrics.json").read_text())["refine_steps"] == 1
+
+
+def test_staging_of_a_killed_run_is_cleaned_by_the_next_run(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from eoir_cli.outputs import STAGING_PREFIX, clean_stale_staging
+
+    out = tmp_path / "out"
+    # A run killed with SIGKILL inside its staging block leaves its folder behind.
+    code = ("import os, signal, pathlib\n"
+            "from eoir_cli.outputs import staging\n"
+            f"with staging(pathlib.Path({str(out)!r})) as stage:\n"
+            "    (stage / 'warped.nii.gz').write_bytes(b'partial')\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    assert proc.returncode == -signal.SIGKILL
+    left = list(out.glob(STAGING_PREFIX + "*"))
+    assert len(left) == 1 and (left[0] / "warped.nii.gz").is_file()
+    # A live process's folder (ours), another host's and a fresh one of unknown owner are kept;
+    # an unknown owner's folder older than a day goes.
+    mine = out / f"{STAGING_PREFIX}{left[0].name.split('-')[2]}-{os.getpid()}-live"
+    other_host = out / f"{STAGING_PREFIX}otherhost-999999-x"
+    fresh_unknown, old_unknown = out / f"{STAGING_PREFIX}abc123", out / f"{STAGING_PREFIX}def456"
+    for d in (mine, other_host, fresh_unknown, old_unknown):
+        d.mkdir()
+    os.utime(old_unknown, (0, 0))
+    removed = clean_stale_staging(out)
+    assert sorted(removed) == sorted([left[0], old_unknown])
+    assert mine.is_dir() and other_host.is_dir() and fresh_unknown.is_dir()
+
+
+def test_ctrl_c_while_writing_leaves_nothing_and_says_so(pair: dict[str, Path], tiny_model: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("eoir_cli.itk.save_itk_displacement", interrupted)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(out), "--model",
+                                 str(tiny_model), "--spacing", str(SPACING), "--no-affine", "--refine", "0"])
+    assert result.exit_code == 130
+    assert result.output.startswith(f"interrupted: nothing was written to {out}")
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------- batch
 
 

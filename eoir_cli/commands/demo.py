@@ -76,6 +76,8 @@ def demo_command(
     spacing: Annotated[float | None, typer.Option(min=0.5, help="Network voxel size in mm (default: the "
                                                   "model's).")] = None,
     device: Annotated[Device, typer.Option(help="auto, cpu or cuda.")] = Device.auto,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace earlier results in -o DIR (the default "
+                                            "cache folder is always replaced).")] = False,
 ) -> None:
     """Register a sample brain pair, print Dice before/after and per-stage timings, write outputs + qc.png.
 
@@ -94,11 +96,11 @@ def demo_command(
     manifest = SAMPLE_DIR / "labels.json" if root is None else root / "brain_lumirlike" / "SYNBRAIN_dataset.json"
     labels = manifest_labels(manifest)
     if out is None:
-        out = default_out_dir()
+        out, overwrite = default_out_dir(), True  # the demo's own cache folder
         console.print(f"writing to {out}/ (the user cache folder; -o DIR to choose)", highlight=False)
     result = register(fixed, moving, out, model=model, device=device.value, moving_seg=moving_seg,
                       fixed_seg=fixed_seg, refine=refine, spacing=spacing, hd95=not fast,
-                      labels=labels)
+                      labels=labels, overwrite=overwrite)
     m = result.metrics
     console.print(f"moving {moving.name} -> fixed {fixed.name}; network grid "
                   f"{'×'.join(map(str, m['network_grid']['shape']))} at {m['network_grid']['spacing_mm'][0]:g} mm")

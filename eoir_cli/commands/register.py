@@ -83,6 +83,9 @@ def register_command(
                                          "warped_seg,jacobian,inverse,qc or none (metrics.json always).")] = "all",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: $EOIR_THREADS, else "
                                                 "$OMP_NUM_THREADS, else one per core this process may use).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results already in -o (one pair), or "
+                                            "register the finished pairs of a batch again (else skipped).")]
+    = False,
 ) -> None:
     """Register MOVING to FIXED; write warped, disp, warp_itk, warped_seg, jacobian, the inverse, metrics, qc.png.
 
@@ -98,7 +101,7 @@ def register_command(
     options = dict(affine=affine, refine=refine, refine_coarse=refine_coarse, lumir=lumir, spacing=spacing,
                    window=parse_window(window),
                    hd95=not no_hd95, labels=parse_labels(labels), fit_grid=fit_grid, allow_mismatch=allow_mismatch,
-                   inverse=inverse, outputs=chosen)
+                   inverse=inverse, outputs=chosen, overwrite=overwrite)
     if pairs is not None:
         if fixed is not None or moving is not None:
             raise fail("give either FIXED MOVING or --pairs, not both")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -9,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from eoir_cli.commands.common import cli_command, console
+from eoir_cli.config import LUMIR_SHAPE, TrainConfig
 from eoir_cli.errors import InputError
 
 
@@ -33,86 +35,82 @@ class Penalty(str, Enum):
     l2 = "l2"
 
 
+def _default(name: str) -> str:
+    """`` [default: X]`` for help text, X read from :class:`TrainConfig` (brackets escaped for rich)."""
+    value = _TRAIN_DEFAULTS[name]
+    shown = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    return f" \\[default: {shown}]"
+
+
+_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
 @cli_command(interrupted="the run folder keeps last.pt from the last --save-every step; continue with "
                          "`eoir train --resume RUN_DIR`")
 def train_command(
     dataset: Annotated[DatasetName | None, typer.Option(
-        help="Training data: synth needs no download. [default: synth]",
-    )] = None,
+        help="Training data: synth needs no download." + _default("dataset"))] = None,
     data_dir: Annotated[Path | None, typer.Option(
-        help="Dataset root (synth: label maps; default: the shared sample data when present).",
-    )] = None,
-    preset: Annotated[PresetName | None, typer.Option(help="Model preset. [default: lumir]")] = None,
+        help="Dataset root, or a pair list for pairs (synth: label maps) \\[default: synth: the shared sample "
+             "data when present]")] = None,
+    preset: Annotated[PresetName | None, typer.Option(help="Model preset." + _default("preset"))] = None,
     out: Annotated[Path | None, typer.Option(
-        help="Run directory (checkpoints, metrics.csv, config.json). [default: runs/eoir]",
-    )] = None,
+        help="Run directory (checkpoints, metrics.csv, config.json)." + _default("out"))] = None,
     channels: Annotated[int | None, typer.Option(
-        min=1,
-        help="Start channels (overrides the preset; 32 published, 8/16 ablations).",
-    )] = None,
+        min=1, help="Start channels, overriding the preset (32 published, 8/16 ablations) \\[default: the "
+                    "preset's]")] = None,
     input_scale: Annotated[float | None, typer.Option(
-        min=0.01, max=1.0,
-        help="Resample factor before the network (0.5 = half resolution).",
-    )] = None,
-    levels: Annotated[int | None, typer.Option(min=1, max=8, help="Pyramid levels (overrides the preset).")] = None,
+        min=0.01, max=1.0, help="Resample factor before the network (0.5 = half resolution) \\[default: the "
+                                "preset's]")] = None,
+    levels: Annotated[int | None, typer.Option(
+        min=1, max=8, help="Pyramid levels \\[default: the preset's]")] = None,
     int_steps: Annotated[int | None, typer.Option(
-        min=0, help="Scaling-and-squaring steps per level (overrides the preset; 0 = none).",
-    )] = None,
+        min=0, help="Scaling-and-squaring steps per level, 0 = none \\[default: the preset's]")] = None,
     shape: Annotated[tuple[int, int, int] | None, typer.Option(
-        metavar="D H W",
-        help="Image size D H W fed to the model (synth: generated size) [default: synth 160 224 192, else native].",
-    )] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="Total optimisation steps (wins over --epochs).")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (synth epoch = 1000 pairs).")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Pairs per step and per process. [default: 1]")] = None,
+        metavar="D H W", help="Image size fed to the model (synth: the generated size) \\[default: synth "
+                              f"{' '.join(map(str, LUMIR_SHAPE))}, real data: native]")] = None,
+    steps: Annotated[int | None, typer.Option(
+        min=1, help="Total optimisation steps, wins over --epochs \\[default: one epoch]")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs (a synth epoch is 1000 pairs).")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help="Pairs per step and per process." + _default("batch_size"))] = None,
     lr: Annotated[float | None, typer.Option(
-        min=0.0,
-        help="Initial learning rate (Adam amsgrad, poly decay 0.9). [default: 1e-4]",
-    )] = None,
+        min=0.0, help="Initial learning rate (Adam amsgrad, poly decay 0.9)." + _default("lr"))] = None,
     val_every: Annotated[int | None, typer.Option(
-        min=0,
-        help="Validate every N steps (0 = at the end). [default: 500]",
-    )] = None,
-    save_every: Annotated[int | None, typer.Option(min=0, help="Write last.pt every N steps. [default: 500]")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the weights and of every sample. [default: 0]")] = None,
+        min=0, help="Validate every N steps (0 = at the end)." + _default("val_every"))] = None,
+    save_every: Annotated[int | None, typer.Option(
+        min=0, help="Write last.pt every N steps." + _default("save_every"))] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the weights and of every sample." + _default("seed"))]
+    = None,
     amp: Annotated[bool | None, typer.Option(
-        "--amp/--no-amp",
-        help="Mixed precision: fp16 on CUDA, bf16 on CPU (~1.8x faster steps on AVX512-BF16). [default: off]",
-    )] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]")] = None,
+        "--amp/--no-amp", help="Mixed precision: fp16 on CUDA, bf16 on CPU (~1.8x faster steps on AVX512-BF16)."
+                               + _default("amp"))] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N." + _default("device"))] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue a run: its last.pt or its run directory.")] = None,
     smooth_weight: Annotated[float | None, typer.Option(
-        min=0.0,
-        help="Weight of the velocity smoothness term. [default: 1.0]",
-    )] = None,
-    penalty: Annotated[Penalty | None, typer.Option(help="Smoothness penalty. [default: l2]")] = None,
+        min=0.0, help="Weight of the velocity smoothness term." + _default("smooth_weight"))] = None,
+    penalty: Annotated[Penalty | None, typer.Option(help="Smoothness penalty." + _default("penalty"))] = None,
     dice_weight: Annotated[float | None, typer.Option(
-        min=0.0,
-        help="Weight of the soft Dice term when labels exist. [default: 1.0]",
-    )] = None,
+        min=0.0, help="Weight of the soft Dice term when labels exist." + _default("dice_weight"))] = None,
     windows: Annotated[list[int] | None, typer.Option(
-        "--window",
-        help="NCC window per level, repeatable (default: 9 for lumir, 9 5 3 otherwise).",
-    )] = None,
+        "--window", metavar="N",
+        help="NCC window per level, repeatable \\[default: 9 for lumir, 9 5 3 otherwise]")] = None,
     real_fraction: Annotated[float | None, typer.Option(
-        min=0.0, max=1.0,
-        help="synth: share of real-image pairs. [default: 0.0]",
-    )] = None,
+        min=0.0, max=1.0, help="synth: share of real-image pairs." + _default("real_fraction"))] = None,
     shapes_fraction: Annotated[float | None, typer.Option(
-        min=0.0, max=1.0,
-        help="synth: share of random-shape pairs when label maps exist. [default: 0.5]",
-    )] = None,
+        min=0.0, max=1.0, help="synth: share of random-shape pairs when label maps exist."
+                               + _default("shapes_fraction"))] = None,
     val_pairs: Annotated[int | None, typer.Option(
-        min=0,
-        help="synth: number of seeded validation pairs. [default: 4]",
-    )] = None,
-    workers: Annotated[int | None, typer.Option(min=0, help="Data-loader worker processes. [default: 0]")] = None,
+        min=0, help="synth: seeded validation pairs; pairs without a split column: at most this many (and a "
+                    "fifth) of the labelled pairs held out for validation." + _default("val_pairs"))] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=0, help="Data-loader worker processes." + _default("num_workers"))] = None,
     holdout: Annotated[list[str] | None, typer.Option(
         help="synth: keep subjects whose file names contain this out of training and validate on their real "
              "pairs (repeatable).",
     )] = None,
     flip_fraction: Annotated[float | None, typer.Option(
-        min=0.0, max=1.0, help="synth: share of label-map pairs mirrored left-right. [default: 0.0]",
+        min=0.0, max=1.0, help="synth: share of label-map pairs mirrored left-right." + _default("flip_fraction"),
     )] = None,
 ) -> None:
     """Train EOIR on a dataset (or synthetic pairs) and write checkpoints.
