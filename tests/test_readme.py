@@ -148,10 +148,12 @@ def test_readme_python_blocks_run(workspace: Path, monkeypatch: pytest.MonkeyPat
             if old in code:
                 code = code.replace(old, new)
                 used.add(old)
-        # `moving`/`fixed` (backend example) and `moving01`/`fixed01` (run_pair) are the normalised
-        # (D, H, W) arrays the surrounding text describes.
+        # What the surrounding text says the names are: `moving`/`fixed` (backend example) and
+        # `moving01`/`fixed01` (run_pair) normalised (D, H, W) arrays, `disp` an (N, 3, D, H, W) field in
+        # voxels (inverse example), `ras_points_in_moving` (n, 3) RAS mm.
         pair = {name: rng.random((32, 32, 32), dtype=np.float32) for name in ("moving", "fixed")}
-        namespace = {"__name__": "readme", **pair, "moving01": pair["moving"], "fixed01": pair["fixed"]}
+        namespace = {"__name__": "readme", **pair, "moving01": pair["moving"], "fixed01": pair["fixed"],
+                     "disp": torch.full((1, 3, 16, 16, 16), 0.5), "ras_points_in_moving": np.zeros((2, 3))}
         try:
             exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
         except Exception as err:
