@@ -251,7 +251,7 @@ class PipelineDefaults:
 
     Refinement runs coarse to fine: 30 Adam steps at a quarter of the network grid (each ~1/8 the
     cost of a half-resolution step), then 2 at half resolution, NCC window 5, 4 squaring steps.
-    On the labelled sample brains with today's bundled network this reaches mean Dice 0.712, the
+    On the labelled sample brains with today's bundled network this reaches mean Dice 0.713, the
     Dice of 10 half-resolution steps in about the time of 5 (5 alone: 0.691; 20 + 3: 0.708);
     ``benchmarks/bench_default_pipeline.py --refine 2 --coarse 30`` re-measures it.
     """
