@@ -130,3 +130,15 @@ def test_train_help_shows_the_defaults_of_train_config() -> None:
                           ("--val-pairs", d.val_pairs), ("--preset", d.preset), ("--out", d.out)):
         assert f"[default: {value}]" in rows[option], rows[option]
     assert "[default: off]" in rows["--amp"] and "[default: the preset's]" in rows["--channels"]
+
+
+def test_missing_optional_library_is_one_line_our_own_import_error_a_bug(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    missing = ModuleNotFoundError("No module named 'tensorrt'", name="tensorrt")
+    monkeypatch.setattr("eoir_cli.info.preset_table", _raise(missing))
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 1 and result.output.strip() == "error: No module named 'tensorrt'"
+    ours = ImportError("cannot import name 'nope' from 'eoir_cli.model'", name="eoir_cli.model")
+    monkeypatch.setattr("eoir_cli.info.preset_table", _raise(ours))
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 2 and "unexpected ImportError" in result.output

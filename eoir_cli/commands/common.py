@@ -73,6 +73,17 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _bug(err: BaseException) -> typer.Exit:
+    return fail(f"unexpected {type(err).__name__}: {_first_line(err)} (a bug: rerun with `eoir --debug ...` or "
+                f"{DEBUG_ENV}=1 for the traceback, and report it)", code=2)
+
+
+def _is_own_import_error(err: BaseException) -> bool:
+    """An ImportError inside eoir itself is a bug; a missing optional library is the environment."""
+    name = getattr(err, "name", None) or ""
+    return isinstance(err, ImportError) and name.split(".")[0] in ("eoir_cli", "export")
+
+
 def _is_out_of_memory(err: BaseException) -> bool:
     oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)  # torch may not be imported
     return oom is not None and isinstance(err, oom)
@@ -106,14 +117,13 @@ def cli_command(fn: F | None = None, *, interrupted: str = "nothing was written"
             except USER_ERRORS as err:
                 if debug_enabled():
                     raise
-                raise fail(_first_line(err)) from None
+                raise (_bug(err) if _is_own_import_error(err) else fail(_first_line(err))) from None
             except Exception as err:
                 if debug_enabled():
                     raise
                 if _is_out_of_memory(err):
                     raise fail(f"out of memory: {_first_line(err)}") from None
-                raise fail(f"unexpected {type(err).__name__}: {_first_line(err)} (a bug: rerun with `eoir --debug "
-                           f"...` or {DEBUG_ENV}=1 for the traceback, and report it)", code=2) from None
+                raise _bug(err) from None
 
         return wrapper  # type: ignore[return-value]
 
