@@ -144,7 +144,7 @@ def _optimise(velocity: torch.Tensor, source: torch.Tensor, target: torch.Tensor
             # The cached-grid sampler: the same warp with the identity grid built once per level
             # instead of once per warp (5 warps forward and backward per step).
             phi = integrate(velocity, int_steps, sampler=sample_torch_cached)
-            sim = ncc_loss(warp(source, phi, sampler=sample_torch_cached), target, window=window)
+            sim = ncc_loss(warp(source, phi, sampler=sample_torch_cached), target, window=window, box="cumsum")
             loss = sim + weight * smoothness_loss(velocity, "l2")
             loss.backward()
             opt.step()

@@ -292,3 +292,21 @@ def test_thread_knob_sets_torch_threads_and_a_small_block_runs_on_one(monkeypatc
             configure_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("window", [3, 5, 9])
+def test_cumsum_box_ncc_equals_the_convolution_in_value_and_gradient(window: int) -> None:
+    from eoir_cli.losses import ncc_loss
+
+    torch.manual_seed(0)
+    fixed = torch.rand(1, 1, 11, 7, 9, dtype=torch.float64)
+    warped = (0.5 * fixed + 0.3 * torch.rand(1, 1, 11, 7, 9, dtype=torch.float64)).requires_grad_(True)
+    conv = ncc_loss(warped, fixed, window=window)
+    (grad_conv,) = torch.autograd.grad(conv, warped)
+    cumsum = ncc_loss(warped, fixed, window=window, box="cumsum")
+    (grad_cumsum,) = torch.autograd.grad(cumsum, warped)
+    assert -1.0 < conv.item() < -0.05
+    torch.testing.assert_close(cumsum, conv, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_cumsum, grad_conv, rtol=1e-8, atol=1e-12)
+    with pytest.raises(ValueError, match="box: expected 'conv' or 'cumsum', got 'fft'"):
+        ncc_loss(warped, fixed, box="fft")  # type: ignore[arg-type]
