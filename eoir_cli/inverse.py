@@ -117,6 +117,12 @@ def _newton(disp: torch.Tensor, start: torch.Tensor, iterations: int, tolerance:
     return inverse, iterations, residual
 
 
+def _jacobian_step(jac: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``(I + J) f`` per voxel for a row-major ``J`` ``(N, 9, ...)`` and ``f`` ``(N, 3, ...)``."""
+    n = f.shape[0]
+    return f + torch.einsum("nij...,nj...->ni...", jac.reshape(n, 3, 3, *jac.shape[2:]), f)
+
+
 def _polish(disp: torch.Tensor, inverse: torch.Tensor, iterations: int, tolerance: float) -> tuple[
         torch.Tensor, int, float]:
     """Newton steps that take the Jacobian from the current inverse: ``w <- w - (I + ∇w) F``.
@@ -133,8 +139,7 @@ def _polish(disp: torch.Tensor, inverse: torch.Tensor, iterations: int, toleranc
         if residual <= tolerance:
             return inverse, k - 1, residual
         jac = inverse_gradient(inverse)
-        inverse = inverse - torch.stack([f[:, i] + sum(jac[:, 3 * i + j] * f[:, j] for j in range(3))
-                                         for i in range(3)], 1)
+        inverse = inverse - _jacobian_step(jac, f)
         del jac
     return inverse, iterations, residual
 
@@ -224,7 +229,7 @@ def invert_at(disp: torch.Tensor, inverse: torch.Tensor, gradient: torch.Tensor,
     f = w + sample_border(disp, points + w)
     grid = index_to_normalized(points, gradient.shape[2:]).to(gradient.dtype)
     jac = F.grid_sample(gradient, grid, mode="nearest", padding_mode="border", align_corners=True)
-    return w - torch.stack([f[:, i] + sum(jac[:, 3 * i + j] * f[:, j] for j in range(3)) for i in range(3)], 1)
+    return w - _jacobian_step(jac, f)
 
 
 def invert_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
