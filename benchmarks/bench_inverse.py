@@ -61,14 +61,15 @@ def compare(data: Path) -> list[dict[str, Any]]:
     from eoir_cli.checkpoint import load_model
     from eoir_cli.inverse import inverse_residual, invert_disp, invert_pyramid
     from eoir_cli.io import load_volume
-    from eoir_cli.preprocess import normalize_intensity, resample_affine
+    from eoir_cli.deployment import normalize
+    from eoir_cli.preprocess import resample_affine
     from eoir_cli.spatial import resize, resize_disp
 
     model = load_model("default").eval()
     rows = []
     for fixed_path, moving_path in _pairs(data):
         fixed, moving = load_volume(fixed_path), load_volume(moving_path)
-        f01, m01 = normalize_intensity(fixed.data), normalize_intensity(moving.data)
+        f01, m01 = normalize(fixed.data), normalize(moving.data)
         # These images are on the LUMIR grid, which is the network grid as it is.
         transform = affine_align(f01, fixed.affine, m01, moving.affine)
         m_net = resample_affine(m01, np.linalg.inv(moving.affine) @ transform @ fixed.affine, f01.shape)
