@@ -59,9 +59,9 @@ def compare(data: Path) -> list[dict[str, Any]]:
 
     from eoir_cli.affine import affine_align
     from eoir_cli.checkpoint import load_model
+    from eoir_cli.deployment import normalize
     from eoir_cli.inverse import inverse_residual, invert_disp, invert_pyramid
     from eoir_cli.io import load_volume
-    from eoir_cli.deployment import normalize
     from eoir_cli.preprocess import resample_affine
     from eoir_cli.spatial import resize, resize_disp
 
