@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--name", default="brain_default", help="folder under benchmarks/training/")
     parser.add_argument("--machine", required=True, help="the machine the run trained on, in words")
     parser.add_argument("--checkpoint", default="model.safetensors", help="file of RUN to ship")
+    parser.add_argument("--default-setting", default="network+affine+refine2",
+                        help="the --bench summary row that is the default pipeline")
     args = parser.parse_args()
 
     import torch
@@ -67,6 +69,9 @@ def main() -> None:
     last = torch.load(args.run / "last.pt", map_location="cpu", weights_only=True)
     source = args.run / args.checkpoint
     model = load_model(str(source))
+    from eoir_cli.checkpoint import read_checkpoint
+
+    deployment = read_checkpoint(str(source))[2].get("deployment")
     if source.suffix == ".safetensors":  # written by eoir train with its deployment facts: ship it as is
         shutil.copyfile(source, DEFAULT_WEIGHTS)
     else:
@@ -91,9 +96,12 @@ def main() -> None:
         "sha256": sha256(DEFAULT_WEIGHTS),
         "bytes": DEFAULT_WEIGHTS.stat().st_size,
         "command": train_command({**train, "steps": int(last["step"])}),
+        "reproduce": train_command({**train, "steps": int(last["step"])})
+        + f" && python benchmarks/ship_model.py {train['out']} --bench BENCH.json --machine '...'",
         "resume": f"eoir train --resume benchmarks/training/{args.name} --out runs/{args.name}",
         "commit": commit,
         "model_config": model.config.to_dict(),
+        "deployment": deployment,
         "parameters": count_parameters(model),
         "steps": int(last["step"]),
         "shipped_checkpoint": args.checkpoint,
@@ -112,7 +120,13 @@ def main() -> None:
             "metric": "mean Dice (31 labels) of the network alone on the held-out subject's real pairs",
             "best": last.get("best_metric"),
         },
-        "validation": {**bench, "date": datetime.date.today().isoformat()},
+        "validation": {
+            "pairs": [f"{r['moving']} -> {r['fixed']}" for r in bench["rows"] if r["setting"] == args.default_setting],
+            "labels": f"{len(bench['labels'])} FreeSurfer labels (SYNBRAIN_dataset.json labels_eval)",
+            "default_setting": args.default_setting,
+            "summary": bench["summary"],
+            "date": datetime.date.today().isoformat(),
+        },
     }
     PROVENANCE.write_text(json.dumps(record, indent=1) + "\n")
     print(f"shipped {source} -> {DEFAULT_WEIGHTS} ({record['bytes']} bytes, sha256 {record['sha256'][:12]})")

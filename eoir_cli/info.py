@@ -102,7 +102,7 @@ def default_model_info() -> dict[str, Any]:
     record = provenance()
     present = DEFAULT_WEIGHTS.is_file()
     summary = record.get("validation", {}).get("summary", {})
-    default_run = summary.get("network+affine+refine5", {})
+    default_run = summary.get(record.get("validation", {}).get("default_setting", "network+affine+refine5"), {})
     return {
         "path": str(DEFAULT_WEIGHTS),
         "present": present,
