@@ -134,22 +134,22 @@ class TorchBackend(Backend):
         path: ``.pt``/``.pth``/``.safetensors`` file, preset name, ``"default"`` or an ``EOIR``
             module (run as given: eval mode, its own sampler, on ``device`` or where it already is).
         device: ``"auto"``, ``"cpu"`` or ``"cuda[:i]"``.
-        precision: ``"fp32"``; ``"bf16"`` (CPU or CUDA) and ``"fp16"`` (CUDA) run the convolutions
-            under autocast while the warps and the output stay float32.
+        precision: ``"fp32"``; ``"bf16"`` (CPU or CUDA) and ``"fp16"`` (CUDA) keep the features in that
+            dtype end to end (float32 norm statistics) while the warps' coordinates, the integration
+            and the output stay float32.
         sampler: ``"torch"`` (grid_sample, fastest in PyTorch) or ``"gather"``.
-        channels_last: run the network in ``channels_last_3d`` memory format. Default: on for
-            bf16/fp16 (oneDNN's reduced-precision 3-D convs are ~1.4x faster in it), off for fp32
-            (no faster on CPU and ~18% more peak memory from layout copies, measured at 64³).
         threads: torch intra-op threads (None = leave as is).
         overrides: config fields for presets / fields weights cannot tell (e.g. ``{"channels": 8}``).
-        eager: the original code's way of running (``torch.no_grad``, contiguous NCDHW, grid_sample),
-            kept as the reference point for benchmarks; implies ``channels_last=False``.
+        eager: the original code's way of running (``torch.no_grad``, contiguous NCDHW, grid_sample,
+            autocast around each op), kept as the reference point for benchmarks. Otherwise the
+            model's inference path runs (:func:`eoir_cli.lean.forward_lean`: channels_last_3d,
+            in-place norms, one image at a time through the encoder, bf16/fp16 end to end).
     """
 
     name = "torch"
 
     def __init__(self, path: Any, device: str = "auto", precision: Precision = "fp32",
-                 sampler: str = "torch", channels_last: bool | None = None, threads: int | None = None,
+                 sampler: str = "torch", threads: int | None = None,
                  overrides: dict[str, Any] | None = None, eager: bool = False, **_: Any) -> None:
         import torch
 
@@ -177,18 +177,6 @@ class TorchBackend(Backend):
         info = getattr(model, "checkpoint_info", {}) or {}
         self.model = model
         self.eager = eager
-        if channels_last is None:
-            channels_last = precision != "fp32"
-        channels_last = channels_last and not eager
-        self.channels_last = channels_last
-        if channels_last:
-            model.to(memory_format=torch.channels_last_3d)
-        if not eager:
-            # Inference only: ReLU may overwrite its input (a conv output nothing else reads), which
-            # saves one full-resolution 2C-channel buffer in the finest flow estimator.
-            for module in model.modules():
-                if isinstance(module, torch.nn.ReLU):
-                    module.inplace = True
         source = ("module" if in_memory else "preset (random weights)" if label in PRESETS and not Path(label).exists()
                   else "checkpoint")
         metadata = {"normalization": normalization_of(info), "sampler": sampler, "format": info.get("format"),
@@ -199,14 +187,13 @@ class TorchBackend(Backend):
         import torch
 
         dev = torch.device(self.device)
-        fmt = torch.channels_last_3d if self.channels_last else torch.contiguous_format
-        m = torch.from_numpy(moving).to(dev).contiguous(memory_format=fmt)
-        f = torch.from_numpy(fixed).to(dev).contiguous(memory_format=fmt)
+        m = torch.from_numpy(moving).to(dev)
+        f = torch.from_numpy(fixed).to(dev)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         # inference_mode (not no_grad) also skips version-counter bookkeeping on every tensor.
         grad_off = torch.no_grad() if self.eager else torch.inference_mode()
         with grad_off, torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            disp = self.model(m, f)
+            disp = self.model(m, f, lean=not self.eager)
         return disp.float().cpu().numpy()
 
 

@@ -1,0 +1,234 @@
+"""Inference-only kernels of the EOIR forward pass: the same network in a fraction of the memory, faster.
+
+:meth:`eoir_cli.model.EOIR.forward` runs :func:`forward_lean` whenever gradients are off (``no_grad`` /
+``inference_mode``) and nothing is tracing or exporting; training (``forward_pyramid`` with autograd)
+never comes here. The weights and the arithmetic are the network's; only the order of evaluation
+and the storage differ:
+
+* **channels_last_3d** activations: oneDNN's 3-D convolutions run 1.5–1.7× faster in that layout on
+  this CPU (fp32 and bf16) and need no reorder copies.
+* **One image at a time** through the encoder, each layer's input freed as soon as its output exists.
+* **In-place InstanceNorm + PReLU**, slab by slab along the first spatial axis, with statistics in
+  float32 (Chan's pairwise combination of per-slab means and variances) whatever the storage dtype.
+* **Low-precision storage end to end** (``dtype=bfloat16``/``float16``): convolutions, norms and
+  activations stay in that dtype (no cast around each block); the velocity head, the warps'
+  coordinates, the integration and every displacement stay float32 (a bf16 coordinate misplaces a
+  sample by up to a voxel at index ~200).
+* Each level's features are dropped once the level no longer needs them; the flow estimator's
+  input ``cat(f + m, f - m)`` is written into one buffer.
+
+Displacements are in voxels, channel c along array axis c (see :mod:`eoir_cli.spatial`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eoir_cli.spatial import Sampler, SamplerFn, get_sampler, resize, sample_torch_cached
+
+if TYPE_CHECKING:
+    from eoir_cli.model import EOIR
+
+# Slabs of at most this many bytes (float32) keep each normalisation pass inside the L2/L3 caches.
+_SLAB_BYTES = 8 * 2**20
+# Channels warped per grid_sample call when features are stored in a reduced precision (each chunk is
+# upcast to float32, so this bounds the temporary to chunk/C of the feature map).
+_WARP_CHUNK = 8
+
+
+def _slabs(x: torch.Tensor) -> list[slice]:
+    """Slices along dim 2 whose float32 size stays below ``_SLAB_BYTES`` (at least one plane each)."""
+    plane = x.shape[0] * x.shape[1] * x.shape[3] * x.shape[4] * 4
+    step = max(1, _SLAB_BYTES // max(plane, 1))
+    return [slice(a, min(a + step, x.shape[2])) for a in range(0, x.shape[2], step)]
+
+
+def instance_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(sample, channel) mean and biased variance of ``x`` ``(N, C, D, H, W)``, in float32.
+
+    Computed slab by slab in float32 and combined pairwise (Chan et al.), so a bfloat16 tensor never
+    needs a full float32 copy and the statistics keep float32 accuracy.
+
+    Returns:
+        ``(mean, var)``, each ``(N, C, 1, 1, 1)`` float32.
+    """
+    count = 0
+    mean = m2 = None
+    for sl in _slabs(x):
+        part = x[:, :, sl].float()
+        var_s, mean_s = torch.var_mean(part, dim=(2, 3, 4), keepdim=True, correction=0)
+        n_s = part.shape[2] * part.shape[3] * part.shape[4]
+        var_s, mean_s = var_s.double(), mean_s.double()
+        if mean is None:
+            mean, m2 = mean_s, var_s * n_s
+        else:
+            delta = mean_s - mean
+            total = count + n_s
+            mean = mean + delta * (n_s / total)
+            m2 = m2 + var_s * n_s + delta * delta * (count * n_s / total)
+        count += n_s
+    assert mean is not None and m2 is not None  # a tensor has at least one slab
+    return mean.float(), (m2 / count).float()
+
+
+def instance_norm_(x: torch.Tensor, eps: float = 1e-5, slope: float | None = None) -> torch.Tensor:
+    """In-place ``InstanceNorm3d`` (no affine) followed by ``PReLU(slope)`` when ``slope`` is given.
+
+    Equal to ``F.prelu(F.instance_norm(x, eps=eps), slope)`` up to float rounding; the statistics
+    are float32 (:func:`instance_stats`), the normalisation runs in float32 per slab and is stored
+    back in ``x``'s dtype. Inference only (``x`` is overwritten).
+    """
+    mean, var = instance_stats(x)
+    rstd = (var + eps).rsqrt()
+    shift = -mean * rstd
+    for sl in _slabs(x):
+        part = x[:, :, sl]
+        work = part if part.dtype == torch.float32 else part.float()
+        work.mul_(rstd).add_(shift)
+        if slope is not None:
+            F.leaky_relu_(work, slope)
+        if work is not part:
+            part.copy_(work)
+    return x
+
+
+def _conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` with the weights in ``x``'s dtype (a no-op cast for float32)."""
+    weight = conv.weight.to(x.dtype)
+    bias = conv.bias.to(x.dtype) if conv.bias is not None else None
+    return F.conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _slope(prelu: nn.PReLU) -> float:
+    if prelu.weight.numel() != 1:
+        raise ValueError(f"PReLU: expected one shared slope, got {prelu.weight.numel()} parameters")
+    return float(prelu.weight.reshape(()))
+
+
+def _conv_norm(seq: nn.Sequential, x: torch.Tensor, slope: float | None) -> torch.Tensor:
+    """``Sequential(Conv3d, InstanceNorm3d)`` (+ PReLU) in place on the conv output."""
+    conv, norm = seq[0], seq[1]
+    return instance_norm_(_conv(conv, x), norm.eps, slope)
+
+
+def large_kernel_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """:class:`eoir_cli.model.LargeKernelBlock` with its three branches summed in place."""
+    out = _conv_norm(block.regular, x, None)
+    out.add_(_conv_norm(block.large, x, None))
+    out.add_(_conv_norm(block.one, x, None))
+    if block.residual:
+        out.add_(x)
+    return F.leaky_relu_(out, _slope(block.prelu))
+
+
+def encoder_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """:class:`eoir_cli.model.EncoderBlock` with in-place InstanceNorm + PReLU."""
+    layer = block.layer
+    if isinstance(layer, nn.Sequential):
+        return _conv_norm(layer, x, _slope(layer[2]))
+    return large_kernel_block(layer, x)
+
+
+def encode(encoder: nn.Sequential, image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Shared encoder on one image batch ``(N, 1, D, H, W)`` -> ``(N, C, D, H, W)`` in ``dtype``, channels_last."""
+    x = image.to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    for block in encoder:
+        x = encoder_block(block, x)  # rebinding frees the previous layer's output
+    return x
+
+
+def warp_features(image: torch.Tensor, disp: torch.Tensor, sampler: SamplerFn) -> torch.Tensor:
+    """Pull-back warp of features stored in any dtype; coordinates and interpolation weights in float32.
+
+    Reduced-precision features are upcast a few channels at a time, so the float32 temporary is a
+    fraction of the feature map; the result keeps ``image``'s dtype and memory format.
+    """
+    if image.dtype == disp.dtype:
+        return sampler(image, disp, "bilinear")
+    out = torch.empty((image.shape[0], image.shape[1], *disp.shape[2:]), dtype=image.dtype, device=image.device)
+    out = out.contiguous(memory_format=torch.channels_last_3d)
+    for c in range(0, image.shape[1], _WARP_CHUNK):
+        part = image[:, c:c + _WARP_CHUNK].to(disp.dtype)
+        out[:, c:c + _WARP_CHUNK] = sampler(part, disp, "bilinear")
+    return out
+
+
+def estimate_velocity(estimator: nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """:class:`eoir_cli.model.FlowEstimator` on ``cat(fixed + moving, fixed - moving)``; velocity in float32.
+
+    The caller must hold no other reference to ``moving``/``fixed`` for their memory to be released
+    once the concatenated input is built. The last conv (27 -> 3 channels, <1 % of the FLOPs) runs in
+    float32 so the velocity, hence every displacement, keeps float32 resolution.
+    """
+    n, c = fixed.shape[:2]
+    both = torch.empty((n, 2 * c, *fixed.shape[2:]), dtype=fixed.dtype, device=fixed.device,
+                       memory_format=torch.channels_last_3d)
+    torch.add(fixed, moving, out=both[:, :c])
+    torch.sub(fixed, moving, out=both[:, c:])
+    del moving, fixed
+    first, _, second, _ = estimator.features
+    if isinstance(first, nn.Conv3d):
+        h = F.relu_(_conv(first, both))
+    else:
+        h = F.relu_(large_kernel_block(first, both))
+    del both
+    h = F.relu_(_conv(second, h))
+    return _conv(estimator.to_velocity, h.float())
+
+
+def forward_lean(model: EOIR, moving: torch.Tensor, fixed: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 sampler: Sampler | None = None) -> torch.Tensor:
+    """The network at its own (network-scale) size: ``(N, 1, D, H, W)`` pair -> level-0 displacement (voxels).
+
+    Same result as ``model.forward_pyramid(moving, fixed).disps[0]`` to float rounding (float32) or
+    to reduced-precision rounding of the features (``dtype`` bfloat16/float16). Inference only.
+
+    Args:
+        model: the network (its weights, config and sampler).
+        moving, fixed: ``(N, 1, D, H, W)`` images in [0, 1].
+        dtype: storage and compute dtype of convolutions, norms and activations.
+        sampler: sampler for the warps (default: the model's; ``"torch"`` becomes the cached-grid
+            ``grid_sample``, same convention, fewer passes).
+
+    Returns:
+        ``(N, 3, D', H', W')`` float32 displacement in voxels, at the finest level's size.
+    """
+    config = model.config
+    chosen = model.sampler if sampler is None else sampler
+    warp_fn = sample_torch_cached if chosen == "torch" else get_sampler(chosen)
+    xs = [encode(model.encoder, moving, dtype)]
+    ys = [encode(model.encoder, fixed, dtype)]
+    down = [1.0 / f for f in config.level_factors]
+    if config.feature_halving:
+        xs[0], ys[0] = resize(xs[0], scale=down), resize(ys[0], scale=down)
+    for _ in range(1, config.levels):
+        xs.append(resize(xs[-1], scale=down))
+        ys.append(resize(ys[-1], scale=down))
+    up = None
+    disp = None
+    for level in reversed(range(config.levels)):
+        moving_features = xs[level] if up is None else warp_features(xs[level], up, warp_fn)
+        fixed_features = ys[level]
+        xs[level] = ys[level] = None  # type: ignore[call-overload]
+        velocity = estimate_velocity(model.estimators[level], moving_features, fixed_features)
+        del moving_features, fixed_features
+        disp = integrate_lean(velocity, config.int_steps, warp_fn)
+        del velocity
+        if up is not None:
+            disp = disp + warp_fn(up, disp, "bilinear")
+        if level > 0:
+            up = model._upsample(disp)
+    assert disp is not None  # levels >= 1
+    return disp
+
+
+def integrate_lean(velocity: torch.Tensor, steps: int, sampler: SamplerFn) -> torch.Tensor:
+    """Scaling and squaring (see :func:`eoir_cli.spatial.integrate`) with in-place accumulation."""
+    disp = velocity * (1.0 / 2**steps)
+    for _ in range(steps):
+        disp.add_(sampler(disp, disp, "bilinear"))
+    return disp

@@ -1,0 +1,128 @@
+"""The inference path (eoir_cli.lean): in-place norms, float32 statistics, parity with the plain path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eoir_cli.lean as lean
+from eoir_cli.config import PRESETS
+from eoir_cli.model import EOIR
+from eoir_cli.spatial import resize
+
+CL = torch.channels_last_3d
+
+
+def _model(preset: str, channels: int = 4, head_gain: float = 5.0) -> EOIR:
+    torch.manual_seed(0)
+    model = EOIR(PRESETS[preset].replace(channels=channels)).eval()
+    with torch.no_grad():  # larger velocity heads: fields of several voxels exercise every warp
+        for est in model.estimators:
+            est.to_velocity.weight.mul_(head_gain)
+    return model
+
+
+def _pair(size: tuple[int, int, int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    from export.onnx_export import smooth_pair
+
+    moving, fixed = smooth_pair(size, seed=seed)
+    return torch.from_numpy(moving)[None, None], torch.from_numpy(fixed)[None, None]
+
+
+@pytest.fixture
+def small_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slabs of a few planes, so the tests cover the pairwise combination across many slabs."""
+    monkeypatch.setattr(lean, "_SLAB_BYTES", 4 * 6 * 7 * 3 * 4)
+
+
+def test_instance_stats_are_float32_accurate_for_bfloat16_storage(small_slabs: None) -> None:
+    gen = torch.Generator().manual_seed(0)
+    # A large mean over a small spread: bf16 statistics would lose it (8 mantissa bits), fp32 ones must not.
+    x = (100 + torch.randn(2, 3, 13, 6, 7, generator=gen)).to(torch.bfloat16).contiguous(memory_format=CL)
+    mean, var = lean.instance_stats(x)
+    exact_var, exact_mean = torch.var_mean(x.double(), dim=(2, 3, 4), keepdim=True, correction=0)
+    assert mean.dtype == torch.float32 and mean.shape == (2, 3, 1, 1, 1)
+    torch.testing.assert_close(mean.double(), exact_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), exact_var, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("slope", [None, 0.25])
+def test_instance_norm_in_place_equals_instance_norm_then_prelu(small_slabs: None, slope: float | None) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = (3 * torch.randn(1, 5, 9, 6, 7, generator=gen) + 2).contiguous(memory_format=CL)
+    expected = F.instance_norm(x, eps=1e-5)
+    if slope is not None:
+        expected = F.prelu(expected, torch.tensor([slope]))
+    out = lean.instance_norm_(x.clone(), 1e-5, slope)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    assert out.is_contiguous(memory_format=CL)
+
+
+def test_instance_norm_in_place_bfloat16_is_within_bf16_rounding() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = (3 * torch.randn(1, 4, 8, 8, 8, generator=gen) + 50).to(torch.bfloat16)
+    expected = F.prelu(F.instance_norm(x.float()), torch.tensor([0.2]))
+    out = lean.instance_norm_(x.clone(), 1e-5, 0.2)
+    assert out.dtype == torch.bfloat16
+    # Normalised values are O(1): one bf16 rounding of the stored result is at most 2^-8 of |value|.
+    assert ((out.float() - expected).abs() <= 2**-8 * expected.abs() + 1e-3).all()
+
+
+@pytest.mark.parametrize(("preset", "size"), [
+    ("lumir", (32, 32, 32)), ("oasis", (32, 32, 32)), ("abdomen", (64, 64, 64)), ("acdc", (32, 32, 16)),
+])
+def test_lean_forward_equals_plain_forward_in_float32(preset: str, size: tuple[int, int, int]) -> None:
+    model = _model(preset)
+    moving, fixed = _pair(size)
+    with torch.no_grad():
+        plain = model(moving, fixed, lean=False)
+        got = model(moving, fixed)
+    assert plain.abs().max() > 1.0  # several-voxel fields: the warps are exercised
+    # float rounding only (another conv layout and order of operations), far below the 1e-3 voxel parity bar.
+    torch.testing.assert_close(got, plain, rtol=0, atol=1e-3)
+
+
+def test_lean_forward_leaves_its_inputs_untouched() -> None:
+    model = _model("lumir")
+    moving, fixed = _pair((32, 32, 32))
+    before = moving.clone(), fixed.clone()
+    with torch.inference_mode():
+        model(moving, fixed)
+    assert torch.equal(moving, before[0]) and torch.equal(fixed, before[1])
+
+
+def test_bf16_end_to_end_stays_within_a_tenth_of_a_voxel_and_beats_autocast() -> None:
+    model = _model("lumir", channels=8, head_gain=1.0)  # random init: fields of ~3 voxels
+    moving, fixed = _pair((64, 64, 64))
+    with torch.no_grad():
+        fp32 = model(moving, fixed, lean=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(moving, fixed)
+            autocast = model(moving, fixed, lean=False)
+    assert bf16.dtype == torch.float32
+    err, autocast_err = (bf16 - fp32).abs().max(), (autocast - fp32).abs().max()
+    assert 0 < err <= 0.1
+    # float32 statistics and a float32 velocity head: closer to fp32 than autocast around each op.
+    assert err < autocast_err
+
+
+def test_gradients_take_the_plain_path_under_training_autocast() -> None:
+    model = _model("lumir")
+    moving, fixed = _pair((32, 32, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_pyramid(moving, fixed)
+        disp = model(moving, fixed)
+    assert disp.requires_grad and out.disps[0].requires_grad
+    torch.testing.assert_close(disp, out.disps[0], rtol=0, atol=0)
+    out.disps[0].square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.encoder.parameters())
+
+
+def test_input_scale_model_runs_lean_on_the_resampled_pair() -> None:
+    model = _model("abdomen")
+    moving, fixed = _pair((64, 64, 64))
+    with torch.no_grad():
+        pyramid = model.forward_pyramid(resize(moving, size=(32, 32, 32)), resize(fixed, size=(32, 32, 32)))
+        got = lean.forward_lean(model, resize(moving, size=(32, 32, 32)), resize(fixed, size=(32, 32, 32)))
+    torch.testing.assert_close(got, pyramid.disps[0], rtol=0, atol=1e-4)
