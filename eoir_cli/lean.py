@@ -33,8 +33,10 @@ from eoir_cli.spatial import Sampler, SamplerFn, get_sampler, resize, sample_tor
 if TYPE_CHECKING:
     from eoir_cli.model import EOIR
 
-# Slabs of at most this many bytes (float32) keep each normalisation pass inside the L2/L3 caches.
+# Slabs of at most this many bytes (float32) keep each normalisation pass inside the L2/L3 caches on a
+# CPU; on a GPU, where each slab is a kernel launch, they only bound the float32 temporary.
 _SLAB_BYTES = 8 * 2**20
+_SLAB_BYTES_GPU = 512 * 2**20
 # Channels warped per grid_sample call when features are stored in a reduced precision (each chunk is
 # upcast to float32, so this bounds the temporary to chunk/C of the feature map).
 _WARP_CHUNK = 8
@@ -43,7 +45,7 @@ _WARP_CHUNK = 8
 def _slabs(x: torch.Tensor) -> list[slice]:
     """Slices along dim 2 whose float32 size stays below ``_SLAB_BYTES`` (at least one plane each)."""
     plane = x.shape[0] * x.shape[1] * x.shape[3] * x.shape[4] * 4
-    step = max(1, _SLAB_BYTES // max(plane, 1))
+    step = max(1, (_SLAB_BYTES if x.device.type == "cpu" else _SLAB_BYTES_GPU) // max(plane, 1))
     return [slice(a, min(a + step, x.shape[2])) for a in range(0, x.shape[2], step)]
 
 

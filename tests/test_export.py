@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from eoir_cli.cli import app
 from eoir_cli.deployment import preset_deployment
 from eoir_cli.metadata import parse_metadata
-from export.onnx_export import ExportError, torch2onnx
+from export.onnx_export import ExportError, torch2onnx, verification_bounds, verify_onnx
 from export.trt_support import check_trt_support
 
 runner = CliRunner()
@@ -117,6 +117,50 @@ def test_verification_failure_leaves_no_file():
     with pytest.raises(ExportError, match="verification failed: max"):
         torch2onnx(tiny_model(), out, shape=SHAPE, tolerance=-1.0)  # nothing is below a negative tolerance
     assert list(out.parent.iterdir()) == []
+
+
+def _break(kind: str):
+    """A deliberately wrong copy of a good tiny export (what verification exists to catch)."""
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(exported("native" if kind == "wrong sampler" else "gather").path))
+    graph = proto.graph
+    if kind == "swapped axes":  # components of the displacement in (H, D, W) order instead of (D, H, W)
+        producer = next(n for n in graph.node if "disp" in n.output)
+        producer.output[list(producer.output).index("disp")] = "disp_dhw"
+        graph.initializer.append(numpy_helper.from_array(np.array([1, 0, 2], dtype=np.int64), "swap_hd"))
+        graph.node.append(helper.make_node("Gather", ["disp_dhw", "swap_hd"], ["disp"], axis=1))
+    elif kind == "wrong sampler":  # GridSample with align_corners=0: samples half a voxel off, scaled
+        for node in graph.node:
+            if node.op_type == "GridSample":
+                next(a for a in node.attribute if a.name == "align_corners").i = 0
+    elif kind == "broken op":  # the flow estimator's first ReLU at the finest level does nothing
+        relu = [n for n in graph.node if n.op_type == "Relu"][-2]
+        relu.op_type = "Identity"
+    path = scratch_dir() / f"{kind.replace(' ', '_')}.onnx"
+    onnx.save_model(proto, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["swapped axes", "wrong sampler", "broken op"])
+def test_verification_rejects_a_broken_export(kind):
+    report = verify_onnx(_break(kind), tiny_model(), SHAPE)
+    assert not report["passed"]
+    assert report["max_abs"] > report["tolerance_max"]
+    # The bar was derived from PyTorch's own float32 spread, which is orders of magnitude below it.
+    assert report["spread_max"] < 1e-4 and report["tolerance_max"] == 1e-3
+
+
+def test_good_export_passes_with_room_to_spare():
+    report = exported("gather").verify
+    assert report["passed"] and report["max_abs"] < report["tolerance_max"] / 10
+
+
+def test_verification_bounds_follow_the_rounding_spread():
+    # 10x the spread, clamped to [1e-3, 0.1] voxels; the mean bar is that, at most 0.01 voxel.
+    assert verification_bounds(1e-6) == (1e-3, 1e-3)
+    assert verification_bounds(3e-3) == pytest.approx((3e-2, 1e-2))
+    assert verification_bounds(0.5) == (0.1, 0.01)
 
 
 def test_bad_shape_and_opset_are_refused_before_exporting():

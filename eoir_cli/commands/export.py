@@ -45,8 +45,9 @@ def export_command(
                                                     "written and the command to build the engine is printed.")]
     = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare onnxruntime with PyTorch on a "
-                                                                      "smooth synthetic pair (fp32 must be "
-                                                                      "< 1e-3 voxels).")] = True,
+                                                                      "smooth synthetic pair (fp32: within 10x "
+                                                                      "PyTorch's own rounding spread, 1e-3 to "
+                                                                      "0.1 voxels).")] = True,
     verify_with: Annotated[tuple[Path, Path] | None, typer.Option(
         "--verify-with", exists=True, dir_okay=False,
         help="Verify on this real pair MOVING FIXED (NIfTI; percentile-normalised, resampled to --shape) "
@@ -119,9 +120,10 @@ def export_command(
     table.add_row("deployment", Deployment.from_dict(result.metadata["deployment"]).describe())
     if result.verify:
         v = result.verify
-        table.add_row("verify", f"max |Δdisp| {v['max_abs']:.2e} voxels, mean {v['mean_abs']:.2e} "
-                                f"(onnxruntime vs PyTorch, {v['pair']}, {tuple(v['shape'])}, |disp| ≤ "
-                                f"{v['disp_max']:.2f})")
+        table.add_row("verify", f"max |Δdisp| {v['max_abs']:.2e} voxels (≤ {v['tolerance_max']:.2g}), mean "
+                                f"{v['mean_abs']:.2e} (≤ {v['tolerance_mean']:.2g}) (onnxruntime vs PyTorch, "
+                                f"{v['pair']}, {tuple(v['shape'])}, |disp| ≤ {v['disp_max']:.2f}; PyTorch's own "
+                                f"rounding spread {v['spread_max']:.1e})")
     else:
         table.add_row("verify", "skipped (--no-verify)")
     report = result.trt or {}
