@@ -77,7 +77,8 @@ class Check:
         except Skip as why:
             entry.update(status="skipped", reason=str(why))
         except Exception as err:  # a failing row is reported, the check goes on
-            entry.update(status="error", reason=f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            entry.update(status="error", reason=f"{type(err).__name__}: {first}",
                          traceback=traceback.format_exc(limit=3))
         entry["wall_s"] = round(time.perf_counter() - start, 2)
         self.rows.append(entry)
@@ -262,7 +263,8 @@ def onnx_rows(check: Check, model: Any, shape: tuple[int, int, int], workdir: Pa
 
     def export() -> Path:
         if "onnx" not in state:
-            state["onnx"] = torch2onnx(copy.deepcopy(model).float().cpu(), workdir / "eoir.onnx", shape=shape, verify=False).path
+            cpu_model = copy.deepcopy(model).float().cpu()
+            state["onnx"] = torch2onnx(cpu_model, workdir / "eoir.onnx", shape=shape, verify=False).path
         return state["onnx"]
 
     moving, fixed = smooth_pair(shape)
