@@ -237,6 +237,9 @@ class OnnxBackend(Backend):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.enable_cpu_mem_arena = mem_arena
+        # Priority-based order runs each branch to completion (one image's encoder, one warp's chunks) before
+        # the next, instead of interleaving independent branches: -5 % peak at 96x112x96, C=32.
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         if threads:
             options.intra_op_num_threads = int(threads)
         try:

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 # CPU; on a GPU, where each slab is a kernel launch, they only bound the float32 temporary.
 _SLAB_BYTES = 8 * 2**20
 _SLAB_BYTES_GPU = 512 * 2**20
+# Convolutions over 32 planes or more run in slabs of at most this size, at least 8 of them (see _conv).
+_CONV_SLAB_BYTES = 96 * 2**20
 # Channels warped per grid_sample call when features are stored in a reduced precision (each chunk is
 # upcast to float32, so this bounds the temporary to chunk/C of the feature map).
 _WARP_CHUNK = 8
@@ -99,10 +101,32 @@ def instance_norm_(x: torch.Tensor, eps: float = 1e-5, slope: float | None = Non
 
 
 def _conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` with the weights in ``x``'s dtype (a no-op cast for float32)."""
-    weight = conv.weight.to(x.dtype)
+    """``conv(x)`` (stride 1, 'same' padding) with the weights in ``x``'s dtype, output in channels_last_3d.
+
+    Large inputs are convolved in slabs along dim 2 (each with its halo of ``k // 2`` planes, zeros
+    beyond the volume) written into one output: oneDNN's reorder of its input (a copy of the whole
+    input for some channel counts) then only ever holds one slab. The weight's layout decides the
+    output's for a one-channel input (whose strides fit both layouts), hence channels_last weights.
+    """
+    weight = conv.weight.to(x.dtype).contiguous(memory_format=torch.channels_last_3d)
     bias = conv.bias.to(x.dtype) if conv.bias is not None else None
-    return F.conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    halo = conv.padding[0]
+    plane = x.shape[0] * max(x.shape[1], conv.out_channels) * x.shape[3] * x.shape[4] * x.element_size()
+    step = max(1, min(_CONV_SLAB_BYTES // max(plane, 1), x.shape[2] // 8))
+    if x.shape[2] < 32 or conv.stride != (1, 1, 1) or conv.groups != 1 or conv.dilation != (1, 1, 1):
+        return F.conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    depth = x.shape[2]
+    out = torch.empty((x.shape[0], conv.out_channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last_3d)
+    padding = (0, conv.padding[1], conv.padding[2])
+    for a in range(0, depth, step):
+        b = min(a + step, depth)
+        lo, hi = max(a - halo, 0), min(b + halo, depth)
+        part = x[:, :, lo:hi]
+        if lo > a - halo or hi < b + halo:  # zero planes beyond the volume, as the 'same' padding has
+            part = F.pad(part, (0, 0, 0, 0, lo - (a - halo), (b + halo) - hi))
+        out[:, :, a:b] = F.conv3d(part, weight, bias, 1, padding)
+    return out
 
 
 def _slope(prelu: nn.PReLU) -> float:
@@ -159,13 +183,19 @@ def warp_features(image: torch.Tensor, disp: torch.Tensor, sampler: SamplerFn) -
     return out
 
 
-def estimate_velocity(estimator: nn.Module, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+def estimate_velocity(estimator: nn.Module, features: list[torch.Tensor]) -> torch.Tensor:
     """:class:`eoir_cli.model.FlowEstimator` on ``cat(fixed + moving, fixed - moving)``; velocity in float32.
 
-    The caller must hold no other reference to ``moving``/``fixed`` for their memory to be released
-    once the concatenated input is built. The last conv (27 -> 3 channels, <1 % of the FLOPs) runs in
-    float32 so the velocity, hence every displacement, keeps float32 resolution.
+    Args:
+        estimator: the level's flow estimator.
+        features: ``[moving, fixed]`` feature maps; the list is emptied, so (when the caller holds no
+            other reference) their memory is released as soon as the concatenated input exists.
+
+    The last conv (27 -> 3 channels, <1 % of the FLOPs) runs in float32, so the velocity, hence every
+    displacement, keeps float32 resolution.
     """
+    moving, fixed = features
+    features.clear()
     n, c = fixed.shape[:2]
     both = torch.empty((n, 2 * c, *fixed.shape[2:]), dtype=fixed.dtype, device=fixed.device,
                        memory_format=torch.channels_last_3d)
@@ -214,14 +244,13 @@ def forward_lean(model: EOIR, moving: torch.Tensor, fixed: torch.Tensor, dtype: 
     disp = None
     for level in reversed(range(config.levels)):
         moving_features = xs[level] if up is None else warp_features(xs[level], up, warp_fn)
-        fixed_features = ys[level]
-        xs[level] = ys[level] = None  # type: ignore[call-overload]
-        velocity = estimate_velocity(model.estimators[level], moving_features, fixed_features)
-        del moving_features, fixed_features
+        features = [moving_features, ys[level]]
+        xs[level] = ys[level] = moving_features = None  # type: ignore[call-overload]
+        velocity = estimate_velocity(model.estimators[level], features)
         disp = integrate_lean(velocity, config.int_steps, warp_fn)
         del velocity
         if up is not None:
-            disp = disp + warp_fn(up, disp, "bilinear")
+            disp.add_(warp_fn(up, disp, "bilinear"))  # compose(up, disp): up sampled along disp
         if level > 0:
             up = model._upsample(disp)
     assert disp is not None  # levels >= 1

@@ -108,13 +108,19 @@ class EOIR(nn.Module):
             return up * float(factors[0])
         return up * torch.tensor(factors, dtype=disp.dtype, device=disp.device).view(1, 3, 1, 1, 1)
 
-    def forward_pyramid(self, moving: torch.Tensor, fixed: torch.Tensor) -> PyramidOutput:
+    def forward_pyramid(self, moving: torch.Tensor, fixed: torch.Tensor, graph: bool = False) -> PyramidOutput:
         """Run the network at the given (network-scale) size and return every level.
 
-        With ``feature_halving`` the finest level is at half the input size.
+        With ``feature_halving`` the finest level is at half the input size. ``graph=True`` is the
+        form traced for export: each image through the encoder on its own, so a runtime holds one
+        image's full-resolution activations at a time (the batch of two doubles the encoder's peak);
+        same result to float rounding.
         """
-        features = self.encoder(torch.cat([moving, fixed], 0))
-        moving_features, fixed_features = features.chunk(2, dim=0)
+        if graph:
+            moving_features, fixed_features = self.encoder(moving), self.encoder(fixed)
+        else:
+            features = self.encoder(torch.cat([moving, fixed], 0))
+            moving_features, fixed_features = features.chunk(2, dim=0)
         xs, ys = [moving_features], [fixed_features]
         down = [1.0 / f for f in self.config.level_factors]
         if self.config.feature_halving:
@@ -191,7 +197,7 @@ class EOIR(nn.Module):
         if lean is None:
             lean = not (traced or torch.is_grad_enabled()) and moving.device.type in ("cpu", "cuda")
         if not lean:
-            disp = self.forward_pyramid(moving, fixed).disps[0]
+            disp = self.forward_pyramid(moving, fixed, graph=traced).disps[0]
         else:
             from eoir_cli.lean import forward_lean
 

@@ -51,6 +51,10 @@ VERIFY_MAX_BOUNDS = (1e-3, 0.1)  # voxels, max |Δdisp|
 VERIFY_MEAN_CAP = 0.01  # voxels, mean |Δdisp|
 
 
+# Channels per gather chunk in the exported warp (see _onnx_translations).
+WARP_CHUNK = 8
+
+
 class ExportError(EoirError):
     """An export that cannot be done or that failed its verification."""
 
@@ -165,14 +169,28 @@ def _onnx_translations(sampler: ExportSampler) -> dict[Any, Any]:
                     index = op.Mul(index, strides[axis])
                 terms.append((index, op.Where(inside, one if weight is None else weight, zero)))
             corners.append(terms)
-        acc = None
+        taps = []
         for iz, wz in corners[0]:
             for iy, wy in corners[1]:
                 izy, wzy = op.Add(iz, iy), op.Mul(wz, wy)
                 for ix, wx in corners[2]:
-                    index = izy if ix is None else op.Add(izy, ix)
-                    term = op.Mul(op.Gather(flat, index, axis=1), like(op.Mul(wzy, wx), image))
-                    acc = term if acc is None else op.Add(acc, term)
+                    taps.append((izy if ix is None else op.Add(izy, ix), like(op.Mul(wzy, wx), image)))
+        channels = image.shape[1] if image.shape is not None and isinstance(image.shape[1], int) else None
+        # Warp a few channels at a time: the runtime then holds each corner's (chunk, P) gather, product
+        # and running sum instead of three (C, P) buffers (at C=32, 160x224x192: 2.6 GB -> 0.7 GB).
+        parts = []
+        for start in range(0, channels or 1, WARP_CHUNK if channels else 1):
+            rows = flat if not channels or channels <= WARP_CHUNK else op.Slice(
+                flat, const([start], np.int64), const([min(start + WARP_CHUNK, channels)], np.int64),
+                const([0], np.int64))
+            acc = None
+            for index, weight in taps:
+                term = op.Mul(op.Gather(rows, index, axis=1), weight)
+                acc = term if acc is None else op.Add(acc, term)
+            parts.append(acc)
+            if rows is flat:
+                break
+        acc = parts[0] if len(parts) == 1 else op.Concat(*parts, axis=0)
         out_dims = spatial(disp)
         if all(d is not None for d in out_dims) and image.shape is not None and isinstance(image.shape[1], int):
             out_shape = const([1, image.shape[1], *out_dims], np.int64)
