@@ -257,7 +257,8 @@ def train_row(check: Check, channels: int, shape: tuple[int, int, int], dry: boo
 
 def onnx_rows(check: Check, model: Any, shape: tuple[int, int, int], workdir: Path, dry: bool) -> None:
     """onnxruntime CUDA (CPU provider in a dry run) on the gather export; TensorRT fp16 when importable."""
-    from export.onnx_export import smooth_pair, torch2onnx
+    from eoir_cli.bench import smooth_pair
+    from export.onnx_export import torch2onnx
 
     state: dict[str, Any] = {}
 
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs or runs
     started = time.perf_counter()
     check = Check(device, args.budget, runs=runs, warmup=1)
-    from export.onnx_export import smooth_pair
+    from eoir_cli.bench import smooth_pair
 
     model = build_model(channels, device)
     moving, fixed = (torch.from_numpy(a)[None, None].to(device) for a in smooth_pair(shape))

@@ -24,7 +24,7 @@ def _model(preset: str, channels: int = 4, head_gain: float = 5.0) -> EOIR:
 
 
 def _pair(size: tuple[int, int, int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    from export.onnx_export import smooth_pair
+    from eoir_cli.bench import smooth_pair
 
     moving, fixed = smooth_pair(size, seed=seed)
     return torch.from_numpy(moving)[None, None], torch.from_numpy(fixed)[None, None]
