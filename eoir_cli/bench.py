@@ -150,6 +150,59 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def matmul_peak(device: str = "cpu", threads: int | None = None, size: int = 2048, repeats: int = 3) -> dict[str, Any]:
+    """The machine's measured matrix-product rate (GFLOP/s) in fp32 and bf16: the ceiling for a row's GFLOP/s.
+
+    Best of ``repeats`` products of two ``size``² matrices, on ``threads`` intra-op threads (the
+    rows' setting; default: torch's current one). On a CPU two routes are timed and the faster one
+    is the peak: ``torch.mm`` (the BLAS torch links, MKL on x86, which may not pick its best kernels
+    on every CPU) and the same product as a 1×1×1 channels_last ``conv3d`` (oneDNN, the library that
+    runs the network's convolutions). bf16 counts only where the CPU has bf16 instructions (else the
+    figure is an emulation's and is still reported, flagged).
+
+    Returns:
+        ``{"fp32": GFLOP/s, "bf16": GFLOP/s, "routes": {...}, "threads", "size", "device"}``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        flops = 2.0 * size**3
+        routes: dict[str, float] = {}
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                break
+            a = torch.randn(size, size, device=device).to(dtype)
+            b = torch.randn(size, size, device=device).to(dtype)
+            candidates = {"mm": lambda a=a, b=b: torch.mm(a, b)}
+            if device == "cpu":
+                # (1, K, M, 1, 1) channels_last input x (N, K, 1, 1, 1) weight = an (M, K) x (K, N) GEMM in oneDNN.
+                x = a.t().contiguous().view(1, size, size, 1, 1).contiguous(memory_format=torch.channels_last_3d)
+                w = b.t().contiguous().view(size, size, 1, 1, 1).contiguous(memory_format=torch.channels_last_3d)
+                candidates["onednn"] = lambda x=x, w=w: F.conv3d(x, w)
+            for route, fn in candidates.items():
+                with torch.inference_mode():
+                    fn()
+                    best = float("inf")
+                    for _ in range(repeats):
+                        if device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                        start = time.perf_counter()
+                        fn()
+                        if device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                        best = min(best, time.perf_counter() - start)
+                routes[f"{name}_{route}"] = flops / best / 1e9
+        peak = {name: max((v for k, v in routes.items() if k.startswith(name + "_")), default=None)
+                for name in ("fp32", "bf16")}
+        return {**peak, "routes": routes, "threads": torch.get_num_threads(), "size": size, "device": device}
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _proc_status_mb(key: str) -> float | None:
     """A memory line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MB, or None off Linux."""
     try:
@@ -274,6 +327,7 @@ def run_bench(
     workdir: str | os.PathLike[str] | None = None,
     on_result: Any = None,
     prepare: Callable[[BenchSpec, Path], tuple[str, float, str | None]] | None = None,
+    peak: bool = True,
 ) -> dict[str, Any]:
     """Measure every spec and return ``{"schema", "machine", "results"}`` (one row per spec).
 
@@ -286,10 +340,18 @@ def run_bench(
         prepare: ``prepare(spec, workdir) -> (file, seconds, note)`` giving the file a spec runs on
             (default :func:`file_for`: no conversion; ``export.convert.model_for_backend`` exports
             checkpoints to ONNX / TensorRT on the fly).
+        peak: measure the matrix-product peak first (:func:`matmul_peak`, a few seconds) and give each
+            row its ``peak_gflops_per_s`` (the peak of its precision on its device) and
+            ``fraction_of_peak``.
     """
     from eoir_cli.info import count_flops
 
     machine = machine_info()
+    if peak:
+        cpu_threads = next((s.threads for s in specs if s.threads), None)
+        machine["matmul_peak"] = {"cpu": matmul_peak("cpu", cpu_threads)}
+        if any(s.device.startswith("cuda") for s in specs):
+            machine["matmul_peak"]["cuda"] = matmul_peak("cuda")
     rows = []
     with tempfile.TemporaryDirectory(prefix="eoir-bench-") as tmp:
         work = Path(workdir) if workdir else Path(tmp)
@@ -313,6 +375,10 @@ def run_bench(
                 row["flops"] = count_flops(config, spec.shape) if config else None
                 if row["flops"]:
                     row["gflops_per_s"] = row["flops"] / row["latency_s"]["median"] / 1e9
+                    limit = _peak_for(machine.get("matmul_peak"), row)
+                    if limit:
+                        row["peak_gflops_per_s"] = limit
+                        row["fraction_of_peak"] = row["gflops_per_s"] / limit
             except concurrent.futures.process.BrokenProcessPool:
                 row["error"] = "the measurement process died (out of memory?)"
             except Exception as err:  # a failing backend becomes a row, not a crash
@@ -323,6 +389,16 @@ def run_bench(
                 on_result(row)
     machine["load_average_after"] = list(os.getloadavg())
     return {"schema": SCHEMA, "machine": machine, "results": rows}
+
+
+def _peak_for(peaks: dict[str, Any] | None, row: dict[str, Any]) -> float | None:
+    """The matrix-product peak that bounds a row: its device's, in its precision (fp16 rows: the bf16 one on a CPU)."""
+    if not peaks:
+        return None
+    device = "cuda" if str(row.get("device", "cpu")).startswith("cuda") else "cpu"
+    table = peaks.get(device) or {}
+    precision = row.get("precision", "fp32")
+    return table.get("bf16" if precision in ("bf16", "fp16") else "fp32")
 
 
 def _config_of(raw: dict[str, Any] | None) -> Any:

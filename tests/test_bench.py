@@ -8,7 +8,7 @@ import pytest
 from conftest_export import CHANNELS, scratch_dir
 from typer.testing import CliRunner
 
-from eoir_cli.bench import SCHEMA, BenchSpec, run_bench
+from eoir_cli.bench import SCHEMA, BenchSpec, matmul_peak, run_bench
 from eoir_cli.cli import app
 from eoir_cli.config import resolve_config
 from eoir_cli.info import count_flops
@@ -54,6 +54,25 @@ def test_measured_rows_are_consistent(report):
     assert report["results"][1]["note"].startswith("exported from lumir (gather sampler)")
 
 
+def test_rows_carry_the_measured_matmul_peak_of_their_precision(report):
+    peaks = report["machine"]["matmul_peak"]["cpu"]
+    assert peaks["fp32"] > 0 and peaks["bf16"] > 0 and peaks["size"] == 2048
+    # The peak is the faster of the two routes (BLAS torch.mm, oneDNN) for each dtype.
+    assert peaks["fp32"] == max(peaks["routes"]["fp32_mm"], peaks["routes"]["fp32_onednn"])
+    for row in report["results"][:2]:  # fp32 rows
+        assert row["peak_gflops_per_s"] == peaks["fp32"]
+        assert row["fraction_of_peak"] == pytest.approx(row["gflops_per_s"] / peaks["fp32"])
+
+
+def test_matmul_peak_restores_the_thread_count():
+    import torch
+
+    before = torch.get_num_threads()
+    small = matmul_peak("cpu", threads=1, size=256, repeats=1)
+    assert small["threads"] == 1 and torch.get_num_threads() == before
+    assert set(small["routes"]) == {"fp32_mm", "fp32_onednn", "bf16_mm", "bf16_onednn"}
+
+
 def test_failures_become_rows(report):
     bad_suffix, bad_precision = report["results"][2:]
     assert "unknown model suffix '.gz'" in bad_suffix["error"] and "latency_s" not in bad_suffix
@@ -62,7 +81,7 @@ def test_failures_become_rows(report):
 
 def test_isolated_measurement_reports_child_memory():
     (row,) = run_bench([BenchSpec("lumir", "torch", SHAPE, runs=1, warmup=0, device="cpu",
-                                  overrides={"channels": 2})], isolate=True)["results"]
+                                  overrides={"channels": 2})], isolate=True, peak=False)["results"]
     assert row["error"] is None, row["error"]
     assert row["isolated"] and row["peak_rss_mb"] >= row["loaded_rss_mb"] > 0
 
@@ -77,5 +96,7 @@ def test_cli_bench_writes_json():
     assert data["schema"] == SCHEMA
     torch_row, trt_row = data["results"]
     assert torch_row["error"] is None and torch_row["config"]["channels"] == 4
+    assert torch_row["peak_gflops_per_s"] == data["machine"]["matmul_peak"]["cpu"]["fp32"]
+    assert "matmul peak:" in result.output
     assert trt_row["error"] is not None  # no TensorRT/GPU here, or a GPU device mismatch: a row, not a crash
     assert "eoir bench" in result.output

@@ -99,24 +99,31 @@ def bench_command(
     machine = report["machine"]
     table = Table(title=f"eoir bench: {machine['cpu']} ({machine['cpu_cores']} cores)"
                         + (f", {', '.join(machine['gpus'])}" if machine["gpus"] else ", no GPU"))
-    for col in ("row", "device", "shape", "median s", "p10–p90 s", "pairs/s", "peak MB", "GFLOP/s"):
+    for col in ("row", "device", "shape", "median s", "p10–p90 s", "pairs/s", "peak MB", "GFLOP/s",
+                "matmul peak (share)"):
         table.add_column(col, justify="left" if col == "row" else "right")
     footnotes = []
     for i, r in enumerate(report["results"], 1):
         name = f"{i}. {Path(r['model']).name} {r['label']}"
         shape_text = "×".join(map(str, r["shape"]))
         if r["error"]:
-            table.add_row(name, "-", shape_text, "[red]failed[/]", "-", "-", "-", "-")
+            table.add_row(name, "-", shape_text, "[red]failed[/]", "-", "-", "-", "-", "-")
             footnotes.append(f"[red]{i}. {r['error']}[/]")
             continue
         lat = r["latency_s"]
         mem = f"{r['peak_rss_mb']:.0f}" + (f" (GPU {r['gpu_peak_mb']:.0f})" if r.get("gpu_peak_mb") else "")
         table.add_row(name, r["device"], shape_text, f"{lat['median']:.3f}", f"{lat['p10']:.3f}–{lat['p90']:.3f}",
-                      f"{r['pairs_per_s']:.2f}", mem, f"{r['gflops_per_s']:.1f}" if r.get("gflops_per_s") else "-")
+                      f"{r['pairs_per_s']:.2f}", mem, f"{r['gflops_per_s']:.1f}" if r.get("gflops_per_s") else "-",
+                      f"{r['peak_gflops_per_s']:.0f} ({100 * r['fraction_of_peak']:.0f}%)"
+                      if r.get("peak_gflops_per_s") else "-")
         for text in (r.get("fallback_reason"), r.get("note")):
             if text:
                 footnotes.append(f"{i}. {text}")
     console.print(table)
+    peaks = machine.get("matmul_peak", {}).get("cpu")
+    if peaks:
+        console.print(f"matmul peak: {peaks['size']}² products on {peaks['threads']} thread(s), best of torch.mm "
+                      f"and oneDNN: fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s (CPU)", highlight=False)
     for line in footnotes:
         console.print(line, highlight=False)
     load = machine["load_average"][0]
