@@ -5,8 +5,10 @@ speed and memory do not depend on the weight values). Rows (each measured in a f
 ``export/bench.py`` for the method):
 
 * ``eager``: the original code's way of running: ``torch.no_grad``, NCDHW, grid_sample sampler.
-* ``torch fp32``: our PyTorch path (``inference_mode``, channels_last_3d, grid_sample).
-* ``torch bf16``: the same under CPU/CUDA bf16 autocast (convolutions in bf16, warps in fp32).
+* ``eager bf16 autocast``: the same under CPU bf16 autocast (casts around every block, norms in fp32).
+* ``torch fp32``: our inference path (:func:`eoir_cli.lean.forward_lean`: ``inference_mode``,
+  channels_last_3d, one image at a time through the encoder, in-place InstanceNorm + PReLU, slab convs).
+* ``torch bf16``: the same with bf16 storage end to end (fp32 statistics, velocity head, warps' coordinates).
 * ``ORT gather`` / ``ORT native``: onnxruntime CPU on the two export samplers (arena off).
 * GPU rows (CUDA fp32/bf16, ORT-CUDA, TensorRT fp32/fp16) when a GPU exists, else listed as skipped.
 
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROWS = ("eager", "torch-fp32", "torch-bf16", "ort-gather", "ort-native",
+ROWS = ("eager", "eager-bf16", "torch-fp32", "torch-bf16", "ort-gather", "ort-native",
         "cuda-fp32", "cuda-bf16", "ort-cuda", "trt-fp32", "trt-fp16")
 
 
@@ -68,8 +70,9 @@ def build_specs(shape, channels, rows, runs, warmup, threads, workdir):
                                    save_disp=disp, **common, **kw))
 
         add("eager", "torch", "eager (original style)", options={"eager": True})
+        add("eager-bf16", "torch", "eager bf16 autocast", precision="bf16", options={"eager": True})
         add("torch-fp32", "torch", "torch fp32")
-        add("torch-bf16", "torch", "torch bf16 (autocast)", precision="bf16")
+        add("torch-bf16", "torch", "torch bf16", precision="bf16")
         add("ort-gather", "onnx", "ORT gather", options={})
         add("ort-native", "onnx-native", "ORT native GridSample")
         gpu_rows = [("cuda-fp32", "torch", "CUDA fp32", "fp32", gpu, "no CUDA GPU"),
@@ -135,8 +138,10 @@ def main(argv=None):
             if row["error"]:
                 print(f"{row['label']:<32} ERROR {row['error']}", flush=True)
             else:
+                share = row.get("fraction_of_peak")
+                share = f" ({100 * share:.0f}% of the matmul peak)" if share else ""
                 print(f"{row['label']:<32} {row['latency_s']['median']:8.2f} s  "
-                      f"peak {row['peak_rss_mb'] / 1024:6.2f} GB  {row.get('gflops_per_s', 0):6.1f} GFLOP/s",
+                      f"peak {row['peak_rss_mb'] / 1024:6.2f} GB  {row.get('gflops_per_s', 0):6.1f} GFLOP/s{share}",
                       flush=True)
 
         report = run_bench(specs, isolate=True, workdir=workdir, on_result=show, prepare=model_for_backend)
@@ -149,6 +154,11 @@ def main(argv=None):
         for cmp in report["comparisons"]:
             extras = {k: float(f"{v:.3g}") for k, v in cmp.items() if k not in ("label",)}
             print(cmp["label"], extras)
+        peaks = report["machine"].get("matmul_peak", {}).get("cpu")
+        if peaks:
+            print(f"matmul peak ({peaks['threads']} threads): fp32 {peaks['fp32']:.0f}, "
+                  f"bf16 {peaks['bf16']:.0f} GFLOP/s "
+                  f"(routes: {', '.join(f'{k} {v:.0f}' for k, v in peaks['routes'].items())})")
         load = report["machine"]["load_average"][0], report["machine"]["load_average_after"][0]
         print(f"load average before/after: {load[0]:.1f} / {load[1]:.1f} on {report['machine']['cpu_cores']} cores")
         for row in report["results"]:
