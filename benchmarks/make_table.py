@@ -21,7 +21,7 @@ def rows(path: Path) -> list[str]:
     for r in data["results"]:
         shape = "×".join(map(str, r["shape"]))
         if r.get("error"):
-            out.append(f"| {shape} | {r['label']} | failed: {r['error']} | | | | |")
+            out.append(f"| {shape} | {r['label']} | failed: {r['error']} | | | | | | |")
             continue
         label, c = r["label"].rsplit(" C=", 1)
         block = f"{shape}, C={c}"
@@ -29,19 +29,28 @@ def rows(path: Path) -> list[str]:
         speed = f"{cmp['speedup_vs_eager']:.2f}×" if "speedup_vs_eager" in cmp else ""
         mem = f"{cmp['memory_vs_eager']:.2f}×" if "memory_vs_eager" in cmp else ""
         diff = f"{cmp['max_abs_vs_fp32']:.2g}" if "max_abs_vs_fp32" in cmp else "(reference)"
+        gflops = f"{r['gflops_per_s']:.0f}" if r.get("gflops_per_s") else ""
+        share = f"{100 * r['fraction_of_peak']:.0f}%" if r.get("fraction_of_peak") else ""
         out.append(f"| {block if block != previous else ''} | {label} | {r['latency_s']['median']:.2f} | "
-                   f"{r['peak_rss_mb'] / 1024:.2f} | {speed} | {mem} | {diff} |")
+                   f"{r['peak_rss_mb'] / 1024:.2f} | {speed} | {mem} | {diff} | {gflops} | {share} |")
         previous = block
     for s in data.get("skipped", []):
-        out.append(f"| | {s['label']} | skipped: {s['skipped']} | | | | |")
+        out.append(f"| | {s['label']} | skipped: {s['skipped']} | | | | | | |")
     return out
 
 
 def main(paths: list[str]) -> int:
-    print("| shape, C | row | median s | peak RSS GB | speed vs eager | memory vs eager | max \\|Δdisp\\| vs fp32 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape, C | row | median s | peak RSS GB | speed vs eager | memory vs eager | max \\|Δdisp\\| vs fp32 "
+          "| GFLOP/s | share of matmul peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
+
     for p in paths:
         print("\n".join(rows(Path(p))))
+    for p in paths:
+        peak = json.loads(Path(p).read_text())["machine"].get("matmul_peak", {}).get("cpu")
+        if peak:
+            print(f"\n{Path(p).name}: measured matmul peak fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s "
+                  f"({peak['threads']} threads)")
     return 0
 
 
