@@ -22,16 +22,11 @@ Displacements are in voxels, channel c along array axis c (see :mod:`eoir_cli.sp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from eoir_cli.spatial import Sampler, SamplerFn, get_sampler, resize, sample_torch_cached
-
-if TYPE_CHECKING:
-    from eoir_cli.model import EOIR
 
 # Slabs of at most this many bytes (float32) keep each normalisation pass inside the L2/L3 caches on a
 # CPU; on a GPU, where each slab is a kernel launch, they only bound the float32 temporary.
@@ -212,7 +207,7 @@ def estimate_velocity(estimator: nn.Module, features: list[torch.Tensor]) -> tor
     return _conv(estimator.to_velocity, h.float())
 
 
-def forward_lean(model: EOIR, moving: torch.Tensor, fixed: torch.Tensor, dtype: torch.dtype = torch.float32,
+def forward_lean(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, dtype: torch.dtype = torch.float32,
                  sampler: Sampler | None = None) -> torch.Tensor:
     """The network at its own (network-scale) size: ``(N, 1, D, H, W)`` pair -> level-0 displacement (voxels).
 
@@ -220,7 +215,7 @@ def forward_lean(model: EOIR, moving: torch.Tensor, fixed: torch.Tensor, dtype: 
     to reduced-precision rounding of the features (``dtype`` bfloat16/float16). Inference only.
 
     Args:
-        model: the network (its weights, config and sampler).
+        model: the :class:`eoir_cli.model.EOIR` (its weights, config and sampler).
         moving, fixed: ``(N, 1, D, H, W)`` images in [0, 1].
         dtype: storage and compute dtype of convolutions, norms and activations.
         sampler: sampler for the warps (default: the model's; ``"torch"`` becomes the cached-grid
