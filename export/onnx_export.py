@@ -45,8 +45,9 @@ DEFAULT_OPSET = {"gather": 18, "native": 20}
 MIN_OPSET = {"gather": 18, "native": 20}
 VERIFY_TOLERANCE_FP16 = 0.5  # voxels: fp16 exports are checked for sanity, not bit-parity
 # fp32 verification (see verification_bounds): the export may differ from PyTorch by SPREAD_FACTOR times
-# what two equally valid float32 PyTorch evaluations differ by, within [floor, cap] voxels.
-SPREAD_FACTOR = 10.0
+# what two equally valid float32 PyTorch evaluations differ by, within [floor, cap] voxels. onnxruntime's
+# difference was measured at 1-2x that spread up to 96x112x96 and ~10x at 160x224x192 (C=32): 100 leaves 10x room.
+SPREAD_FACTOR = 100.0
 VERIFY_MAX_BOUNDS = (1e-3, 0.1)  # voxels, max |Δdisp|
 VERIFY_MEAN_CAP = 0.01  # voxels, mean |Δdisp|
 
@@ -487,7 +488,7 @@ def verification_bounds(spread_max: float) -> tuple[float, float]:
     kernels and order of operations, see :func:`verify_onnx`) disagree by up to ``spread_max``; onnxruntime rounds
     differently again (other convolution kernels, summation order) and scaling and squaring
     amplifies every such difference alike, so a good export stays within a small multiple of that
-    spread: ``SPREAD_FACTOR`` (10) times it, clamped to ``VERIFY_MAX_BOUNDS`` (1e-3 .. 0.1 voxel).
+    spread: ``SPREAD_FACTOR`` (100) times it, clamped to ``VERIFY_MAX_BOUNDS`` (1e-3 .. 0.1 voxel).
     The mean must also stay below that bar and below ``VERIFY_MEAN_CAP`` (a hundredth of a voxel):
     rounding concentrates in a few voxels, while a wrong sampler, swapped axes or a broken op move
     the field at most voxels by a sizeable fraction of its magnitude and fail both.

@@ -45,7 +45,7 @@ def export_command(
                                                     "written and the command to build the engine is printed.")]
     = False,
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Compare onnxruntime with PyTorch on a "
-                                                                      "smooth synthetic pair (fp32: within 10x "
+                                                                      "smooth synthetic pair (fp32: within 100x "
                                                                       "PyTorch's own rounding spread, 1e-3 to "
                                                                       "0.1 voxels).")] = True,
     verify_with: Annotated[tuple[Path, Path] | None, typer.Option(
