@@ -21,3 +21,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared sample data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 4-channel EOIR checkpoint file (no trained grid: the network grid fits the image)."""
+    from eoir_cli.checkpoint import save_checkpoint
+    from eoir_cli.config import PRESETS
+    from eoir_cli.model import EOIR
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(path, EOIR(PRESETS["lumir"].replace(channels=4)))
+    return path

@@ -120,21 +120,8 @@ def small_pair(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained 4-channel EOIR file (no trained grid: the network grid fits the 4 mm image)."""
-    from eoir_cli.checkpoint import save_checkpoint
-    from eoir_cli.config import PRESETS
-    from eoir_cli.model import EOIR
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(path, EOIR(PRESETS["lumir"].replace(channels=4)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def cli_pair(small_pair: dict[str, Path], tiny_model: Path) -> dict[str, Path]:
-    return {**small_pair, "model": tiny_model}
+def cli_pair(small_pair: dict[str, Path], tiny_checkpoint: Path) -> dict[str, Path]:
+    return {**small_pair, "model": tiny_checkpoint}
 
 
 def _cli(pair: dict[str, Path], out: Path, *extra: str):  # noqa: ANN202

@@ -19,11 +19,9 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from eoir_cli.batch import read_pair_list
-from eoir_cli.checkpoint import save_checkpoint
 from eoir_cli.cli import app
 from eoir_cli.config import PRESETS
 from eoir_cli.errors import EoirError
-from eoir_cli.model import EOIR
 from eoir_cli.pipeline import register
 
 runner = CliRunner()
@@ -73,14 +71,6 @@ def _resample_to(img: nib.Nifti1Image, affine: np.ndarray, shape, motion: np.nda
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(path, EOIR(PRESETS["lumir"].replace(channels=4)))
-    return path
-
-
-@pytest.fixture(scope="module")
 def pair(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Fixed: a real brain at 4 mm (RAS). Moving: the same brain moved rigidly (7°, 6 mm), stored
     LPS-flipped, anisotropic (3 × 5 × 4 mm), slightly oblique and cropped."""
@@ -126,10 +116,10 @@ def registered(pair: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
-def test_cli_single_pair_with_a_checkpoint(pair: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+def test_cli_single_pair_with_a_checkpoint(pair: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = runner.invoke(app, ["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(out), "--model",
-                                 str(tiny_model), "--moving-seg", str(pair["moving_seg"]), "--fixed-seg",
+                                 str(tiny_checkpoint), "--moving-seg", str(pair["moving_seg"]), "--fixed-seg",
                                  str(pair["fixed_seg"]), "--spacing", str(SPACING), "--device", "cpu", "--refine", "2"])
     assert result.exit_code == 0, result.output
     assert "Dice" in result.output and (out / "warped_seg.nii.gz").is_file()
@@ -137,8 +127,8 @@ def test_cli_single_pair_with_a_checkpoint(pair: dict[str, Path], tiny_model: Pa
     assert metrics["backend"] == "torch" and metrics["refine_steps"] == 2
 
 
-def test_cli_labels_choose_the_scored_labels(pair: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
-    base = ["register", str(pair["fixed"]), str(pair["moving"]), "--model", str(tiny_model), "--moving-seg",
+def test_cli_labels_choose_the_scored_labels(pair: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
+    base = ["register", str(pair["fixed"]), str(pair["moving"]), "--model", str(tiny_checkpoint), "--moving-seg",
             str(pair["moving_seg"]), "--fixed-seg", str(pair["fixed_seg"]), "--spacing", str(SPACING), "--no-hd95",
             "--refine", "0", "--no-affine"]
     bad = runner.invoke(app, [*base, "-o", str(tmp_path / "bad"), "--labels", "2,x"])
@@ -166,13 +156,13 @@ def test_a_grid_that_does_not_cover_the_image_is_said_and_fit_grid_covers_it(pai
     assert all(s > 32 for s in fitted.grid.shape)
 
 
-def test_batch_scores_the_manifest_labels_eval(pair: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+def test_batch_scores_the_manifest_labels_eval(pair: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
     manifest = tmp_path / "dataset.json"
     manifest.write_text(json.dumps({"labels_eval": [2, 41], "pairs": [
         {"fixed": str(pair["fixed"]), "moving": str(pair["moving"]), "fixed_seg": str(pair["fixed_seg"]),
          "moving_seg": str(pair["moving_seg"]), "name": "p"}]}))
     out = tmp_path / "batch"
-    result = runner.invoke(app, ["register", "--pairs", str(manifest), "-o", str(out), "--model", str(tiny_model),
+    result = runner.invoke(app, ["register", "--pairs", str(manifest), "-o", str(out), "--model", str(tiny_checkpoint),
                                  "--spacing", str(SPACING), "--no-affine", "--no-hd95", "--refine", "0"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "p" / "metrics.json").read_text())["segmentation"]["labels"] == [2, 41]
@@ -230,20 +220,27 @@ def test_disp_applied_with_map_coordinates_reproduces_warped(registered: Path, p
 
 
 def test_warp_itk_applied_with_simpleitk_reproduces_warped(registered: Path, pair: dict[str, Path]) -> None:
-    sitk = pytest.importorskip("SimpleITK")
-    field = sitk.ReadImage(str(registered / "warp_itk.nii.gz"), sitk.sitkVectorFloat64)
-    assert field.GetNumberOfComponentsPerPixel() == 3
-    transform = sitk.DisplacementFieldTransform(field)
-    moving = sitk.ReadImage(str(pair["moving"]), sitk.sitkFloat32)
-    fixed = sitk.ReadImage(str(pair["fixed"]), sitk.sitkFloat32)
-    out = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0))
-    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(registered / "warped.nii.gz"), sitk.sitkFloat32))
-    match = _corr(out, warped)
+    match, identity = _simpleitk_agreement(registered / "warp_itk.nii.gz", pair["moving"], pair["fixed"],
+                                           registered / "warped.nii.gz")
     assert match > 0.99
     # Not trivially true: without the field (scanner coordinates only) the 7° / 6 mm motion remains.
-    identity = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.Transform(3, sitk.sitkIdentity),
+    assert identity < match - 0.05
+
+
+def _simpleitk_agreement(field_path: Path, source: Path, reference: Path, ours: Path) -> tuple[float, float]:
+    """Correlation of ``ours`` with SimpleITK resampling ``source`` onto ``reference`` through the field, and
+    with the identity resampling (scanner coordinates only)."""
+    sitk = pytest.importorskip("SimpleITK")
+    field = sitk.ReadImage(str(field_path), sitk.sitkVectorFloat64)
+    assert field.GetNumberOfComponentsPerPixel() == 3
+    image = sitk.ReadImage(str(source), sitk.sitkFloat32)
+    grid = sitk.ReadImage(str(reference), sitk.sitkFloat32)
+    target = sitk.GetArrayFromImage(sitk.ReadImage(str(ours), sitk.sitkFloat32))
+    out = sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.DisplacementFieldTransform(field),
+                                               sitk.sitkLinear, 0.0))
+    identity = sitk.GetArrayFromImage(sitk.Resample(image, grid, sitk.Transform(3, sitk.sitkIdentity),
                                                     sitk.sitkLinear, 0.0))
-    assert _corr(identity, warped) < match - 0.05
+    return _corr(out, target), _corr(identity, target)
 
 
 def test_apply_to_the_moving_image_reproduces_warped(registered: Path, pair: dict[str, Path]) -> None:
@@ -272,18 +269,10 @@ def test_inverse_warped_is_the_fixed_image_on_the_moving_grid(registered: Path, 
 
 def test_simpleitk_applying_the_inverse_field_reproduces_inverse_warped(registered: Path,
                                                                         pair: dict[str, Path]) -> None:
-    sitk = pytest.importorskip("SimpleITK")
-    field = sitk.ReadImage(str(registered / "inverse_warp_itk.nii.gz"), sitk.sitkVectorFloat64)
-    transform = sitk.DisplacementFieldTransform(field)
-    moving = sitk.ReadImage(str(pair["moving"]), sitk.sitkFloat32)
-    fixed = sitk.ReadImage(str(pair["fixed"]), sitk.sitkFloat32)
-    out = sitk.GetArrayFromImage(sitk.Resample(fixed, moving, transform, sitk.sitkLinear, 0.0))
-    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(registered / "inverse_warped.nii.gz"), sitk.sitkFloat32))
-    match = _corr(out, ours)
+    match, identity = _simpleitk_agreement(registered / "inverse_warp_itk.nii.gz", pair["fixed"], pair["moving"],
+                                           registered / "inverse_warped.nii.gz")
     assert match > 0.99
-    identity = sitk.GetArrayFromImage(sitk.Resample(fixed, moving, sitk.Transform(3, sitk.sitkIdentity),
-                                                    sitk.sitkLinear, 0.0))
-    assert _corr(identity, ours) < match - 0.05
+    assert identity < match - 0.05
 
 
 def test_affine_itk_file_holds_the_affine_of_metrics(registered: Path) -> None:
@@ -421,11 +410,12 @@ def _bad_files(tmp: Path, pair: dict[str, Path]) -> dict[str, tuple[list[str], s
     }
 
 
-def test_every_bad_input_gives_one_line_and_no_outputs(pair: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+def test_every_bad_input_gives_one_line_and_no_outputs(pair: dict[str, Path], tiny_checkpoint: Path,
+                                                       tmp_path: Path) -> None:
     cases = _bad_files(tmp_path, pair)
     for name, (args, message) in cases.items():
         out = tmp_path / f"out_{name}"
-        model = [] if "--model" in args else ["--model", str(tiny_model)]
+        model = [] if "--model" in args else ["--model", str(tiny_checkpoint)]
         result = runner.invoke(app, ["register", *args, "-o", str(out), *model, "--spacing", str(SPACING),
                                      "--no-affine", "--device", "cpu"])
         assert result.exit_code == 1, (name, result.output)
@@ -449,12 +439,12 @@ def test_engine_built_for_another_shape_is_refused(shared_data: Path) -> None:
                  model=FixedShapeBackend(), lumir=True)
 
 
-def test_inputs_are_never_overwritten(pair: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+def test_inputs_are_never_overwritten(pair: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
     victim = tmp_path / "warped.nii.gz"
     victim.write_bytes(pair["moving"].read_bytes())
     before = victim.read_bytes()
     result = runner.invoke(app, ["register", str(pair["fixed"]), str(victim), "-o", str(tmp_path), "--model",
-                                 str(tiny_model), "--spacing", str(SPACING)])
+                                 str(tiny_checkpoint), "--spacing", str(SPACING)])
     assert result.exit_code == 1 and "would overwrite the input" in result.output
     assert victim.read_bytes() == before
 
@@ -470,9 +460,10 @@ def test_output_location_is_checked_before_any_computation(pair: dict[str, Path]
         assert "Errno" not in result.output
 
 
-def test_results_are_not_replaced_without_overwrite(pair: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+def test_results_are_not_replaced_without_overwrite(pair: dict[str, Path], tiny_checkpoint: Path,
+                                                    tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = ["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(out), "--model", str(tiny_model),
+    args = ["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(out), "--model", str(tiny_checkpoint),
             "--spacing", str(SPACING), "--no-affine", "--no-hd95"]
     assert runner.invoke(app, [*args, "--refine", "0"]).exit_code == 0
     stamp = (out / "metrics.json").read_bytes()
@@ -516,7 +507,7 @@ def test_staging_of_a_killed_run_is_cleaned_by_the_next_run(tmp_path: Path) -> N
     assert mine.is_dir() and other_host.is_dir() and fresh_unknown.is_dir()
 
 
-def test_ctrl_c_while_writing_leaves_nothing_and_says_so(pair: dict[str, Path], tiny_model: Path, tmp_path: Path,
+def test_ctrl_c_while_writing_leaves_nothing_and_says_so(pair: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
@@ -524,7 +515,7 @@ def test_ctrl_c_while_writing_leaves_nothing_and_says_so(pair: dict[str, Path], 
     monkeypatch.setattr("eoir_cli.itk.save_itk_displacement", interrupted)
     out = tmp_path / "out"
     result = runner.invoke(app, ["register", str(pair["fixed"]), str(pair["moving"]), "-o", str(out), "--model",
-                                 str(tiny_model), "--spacing", str(SPACING), "--no-affine", "--refine", "0"])
+                                 str(tiny_checkpoint), "--spacing", str(SPACING), "--no-affine", "--refine", "0"])
     assert result.exit_code == 130
     last = result.output.strip().splitlines()[-1]  # after the per-stage times printed as they finish
     assert last.startswith(f"interrupted: nothing was written to {out}") and "Traceback" not in result.output
@@ -534,14 +525,14 @@ def test_ctrl_c_while_writing_leaves_nothing_and_says_so(pair: dict[str, Path], 
 # ---------------------------------------------------------------------------------------------- batch
 
 
-def test_batch_resumes_and_skips_finished_pairs(pair: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+def test_batch_resumes_and_skips_finished_pairs(pair: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
     csv_path = tmp_path / "pairs.csv"
     csv_path.write_text("fixed,moving,moving_seg,fixed_seg,name\n"
                         f"{pair['fixed']},{pair['moving']},{pair['moving_seg']},{pair['fixed_seg']},a\n"
                         f"{pair['fixed']},{pair['fixed']},,,b\n")
     assert [p.label for p in read_pair_list(csv_path)] == ["a", "b"]
     out = tmp_path / "batch"
-    args = ["register", "--pairs", str(csv_path), "-o", str(out), "--model", str(tiny_model), "--spacing",
+    args = ["register", "--pairs", str(csv_path), "-o", str(out), "--model", str(tiny_checkpoint), "--spacing",
             str(SPACING), "--no-affine", "--no-hd95"]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output

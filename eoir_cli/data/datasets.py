@@ -342,7 +342,7 @@ def holdout_pairs(root: Path, holdout: Sequence[str], shape: tuple[int, int, int
     images lists them (the challenge rule), so the validation Dice is the evaluation Dice. Images are
     scaled by /255 (uint8 brains).
     """
-    from eoir_cli.data.synth import _read_array, find_label_maps
+    from eoir_cli.data.synth import find_label_maps, read_array
 
     _, reals = find_label_maps(Path(root))
     labelled = [(img, lab) for img, lab, _ in reals if lab is not None]
@@ -359,8 +359,8 @@ def holdout_pairs(root: Path, holdout: Sequence[str], shape: tuple[int, int, int
             break
     record = {}
     for img, lab in held + others:
-        image = _read_array(img).astype(np.float32) / 255.0
-        labels = _read_array(lab).astype(np.int64)
+        image = read_array(img).astype(np.float32) / 255.0
+        labels = read_array(lab).astype(np.int64)
         if keep is not None:
             labels = np.where(np.isin(labels, keep), labels, 0)
         record[img] = (_to_shape(torch.from_numpy(image)[None], shape, "trilinear"),

@@ -105,7 +105,7 @@ class _RealImage:
     name: str
 
 
-def _read_array(path: Path) -> np.ndarray:
+def read_array(path: Path) -> np.ndarray:
     import nibabel as nib
 
     try:
@@ -268,7 +268,7 @@ class SynthPairs(torch.utils.data.Dataset):
         tables: dict[str, dict[int, int]] = {SHAPES_TABLE: {i: i for i in range(config.num_shape_labels)}}
         if root is not None:
             maps, reals = find_label_maps(Path(root), exclude)
-            raw = [(p, table, _read_array(p)) for p, table in maps]
+            raw = [(p, table, read_array(p)) for p, table in maps]
             for _, table, data in raw:
                 ids = tables.setdefault(table, {0: 0})
                 for value in np.unique(data).tolist():
@@ -276,10 +276,10 @@ class SynthPairs(torch.utils.data.Dataset):
             for path, table, data in raw:
                 self.sources.append(_Source(self._lookup(data, tables[table], config.shape), table, path.name))
             for img_path, lab_path, table in reals:
-                image = _read_array(img_path).astype(np.float32) / 255.0
+                image = read_array(img_path).astype(np.float32) / 255.0
                 labels = None
                 if lab_path is not None and table is not None:
-                    data = _read_array(lab_path)
+                    data = read_array(lab_path)
                     if data.shape != image.shape:
                         raise EoirError(f"{lab_path}: label shape {data.shape} differs from image shape "
                                         f"{image.shape} ({img_path})")
