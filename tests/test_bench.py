@@ -8,7 +8,7 @@ import pytest
 from conftest_export import CHANNELS, scratch_dir
 from typer.testing import CliRunner
 
-from eoir_cli.bench import SCHEMA, BenchSpec, matmul_peak, run_bench
+from eoir_cli.bench import SCHEMA, BenchSpec, _high_water_mb, matmul_peak, run_bench
 from eoir_cli.cli import app
 from eoir_cli.config import resolve_config
 from eoir_cli.info import count_flops
@@ -62,6 +62,13 @@ def test_rows_carry_the_measured_matmul_peak_of_their_precision(report):
     for row in report["results"][:2]:  # fp32 rows
         assert row["peak_gflops_per_s"] == peaks["fp32"]
         assert row["fraction_of_peak"] == pytest.approx(row["gflops_per_s"] / peaks["fp32"])
+
+
+def test_high_water_mark_is_never_below_an_earlier_sample():
+    now = _high_water_mb()
+    assert now is not None and now > 0
+    assert _high_water_mb(now + 123.0) == now + 123.0  # a lagging VmHWM must not undercut a sample
+    assert _high_water_mb(None, 1.0) >= now
 
 
 def test_matmul_peak_restores_the_thread_count():
