@@ -40,10 +40,10 @@ def pipeline(data: Path) -> list[dict[str, Any]]:
     from eoir_cli.pipeline import register
 
     pairs = _pairs(data)
-    register(pairs[0][0], pairs[0][1], None, hd95=False, qc=False)  # warm-up (allocator, model load)
+    register(pairs[0][0], pairs[0][1], None, hd95=False, qc=False, inverse=True)  # warm-up (allocator, model load)
     rows = []
     for fixed, moving in pairs:
-        result = register(fixed, moving, None, hd95=False, qc=False)
+        result = register(fixed, moving, None, hd95=False, qc=False, inverse=True)
         t = result.metrics["timings_s"]
         ic = result.metrics["inverse_consistency"]
         rows.append({"pair": f"{fixed.name} <- {moving.name}",

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from eoir_cli.coords import identity_grid, sample_at
+from eoir_cli.optim import Adam
 from eoir_cli.threads import torch_threads
 
 log = logging.getLogger(__name__)
@@ -156,13 +157,13 @@ def affine_align(
         grid_h = torch.cat([grid, torch.ones(1, grid.shape[1], dtype=torch.float32)])
         f_aff_t = torch.tensor(f_aff, dtype=torch.float64)
         m_inv_t = torch.tensor(np.linalg.inv(m_aff), dtype=torch.float64)
-        opt = torch.optim.Adam([lin, trans], lr=lr)
+        opt = Adam([lin, trans], lr=lr)
         # The 4×4 chain in float64, the per-voxel product in float32 (indices < 100 at these levels:
         # ~1e-5 voxel of rounding). The images are small (≤ 56 voxels a side): one thread runs these
         # ~20 small kernels per step as fast as two, and does not stall behind a competing process.
         with torch_threads(1):
             for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 index = ((m_inv_t @ matrix() @ f_aff_t).float() @ grid_h)[:3].reshape(3, *f_data.shape)
                 warped = _sample(m_t, index)
                 if similarity == "mse":

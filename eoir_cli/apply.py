@@ -95,7 +95,7 @@ class SavedTransform:
             return self.forward
         if self.inverse is None:
             raise EoirError(f"{self.source}: no {INVERSE_FIELD} beside {self.forward.path.name} (registered "
-                            "without the inverse); register again to get it")
+                            "without the inverse, the default); register again with --inverse to get it")
         return self.inverse
 
 

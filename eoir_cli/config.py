@@ -262,7 +262,7 @@ class PipelineDefaults:
     refine_weight: float = 2.0
     refine_window: int = 5
     refine_int_steps: int = 4
-    inverse: bool = True
+    refine_search_int_steps: int = 2
     refine_coarse: int = 30  # steps at a quarter of the network grid before the ``refine`` steps at half
 
 

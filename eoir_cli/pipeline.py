@@ -160,10 +160,11 @@ def register(
     refine_window: int = PIPELINE.refine_window,
     refine_int_steps: int = PIPELINE.refine_int_steps,
     refine_coarse: int = PIPELINE.refine_coarse,
+    refine_search_int_steps: int | None = PIPELINE.refine_search_int_steps,
     hd95: bool = True,
     qc: bool = True,
     labels: Sequence[int] | None = None,
-    inverse: bool = PIPELINE.inverse,
+    inverse: bool | None = None,
     outputs: str | Sequence[str] | None = None,
     progress: StageCallback | None = None,
     write_later: bool = False,
@@ -205,6 +206,8 @@ def register(
         refine_int_steps: scaling-and-squaring steps of the refinement.
         refine_coarse: refinement steps at half the refinement scale first (coarse to fine; large
             grids only, see :func:`eoir_cli.refine.refine`).
+        refine_search_int_steps: squaring steps inside the refinement's optimisation (the result
+            is integrated with ``refine_int_steps``; see :func:`eoir_cli.refine.refine`).
         hd95: compute HD95 (slower) when both label maps are given.
         labels: label values scored by Dice/HD95 (default: every non-zero label in either map;
             see :func:`eoir_cli.metrics.scored_labels`).
@@ -215,8 +218,9 @@ def register(
         progress: called as ``progress(stage, seconds)`` when each stage finishes.
         write_later: with ``out_dir``, do not write yet: ``result.write()`` writes (and returns the
             paths), e.g. on another thread while the next pair of a batch is computed.
-        inverse: also compute the inverse transform (``inverse_*.nii.gz`` on the moving grid) and
-            its inverse consistency (``metrics.json``), when ``outputs`` includes ``inverse``.
+        inverse: True adds the ``inverse`` output (the inverse transform, ``inverse_*.nii.gz`` on the
+            moving grid, and its inverse consistency in ``metrics.json``), False removes it, None
+            leaves ``outputs`` as it is (the default outputs leave it out).
         overwrite: replace the results of an earlier registration in ``out_dir`` (else refused
             before any computation).
 
@@ -228,9 +232,9 @@ def register(
     """
     import torch
 
-    from eoir_cli.outputs import parse_outputs
+    from eoir_cli.outputs import parse_outputs, with_inverse
 
-    chosen = parse_outputs(outputs)
+    chosen = with_inverse(parse_outputs(outputs), inverse)
     qc = qc and "qc" in chosen
     want_jacobian = "jacobian" in chosen or qc
     timer = _Timer(progress)
@@ -324,7 +328,8 @@ def register(
 
             refined = refine_fn(as_t(fixed_net[None]), as_t(moving_net[None]), as_t(network_disp), refine,
                                 lr=refine_lr, weight=refine_weight, scale=refine_scale, window=refine_window,
-                                int_steps=refine_int_steps, coarse_steps=refine_coarse)
+                                int_steps=refine_int_steps, coarse_steps=refine_coarse,
+                                search_int_steps=refine_search_int_steps)
             network_disp = refined[0].cpu().numpy().astype(np.float32)
     with timer("compose"):
         from eoir_cli.composition import compose_to_native
@@ -338,7 +343,7 @@ def register(
                                    mseg.data if mseg is not None else None)
         jacobian = physical_jacobian(native.disp, fixed_v.affine, moving_v.affine) if want_jacobian else None
     inverse_maps = inversion = None
-    if inverse and "inverse" in chosen:
+    if "inverse" in chosen:
         with timer("inverse"):
             from eoir_cli.composition import compose_inverse_to_native
             from eoir_cli.inverse import invert_disp

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from eoir_cli import metrics
 from eoir_cli.cli import app
+from eoir_cli.outputs import DEFAULT_OUTPUTS, OUTPUT_KINDS, parse_outputs, with_inverse
 
 runner = CliRunner()
 
@@ -139,8 +140,23 @@ def test_outputs_option_writes_only_what_is_asked(cli_pair: dict[str, Path], tmp
     default = tmp_path / "default"
     assert _cli(cli_pair, default).exit_code == 0
     assert sorted(p.name for p in default.iterdir()) == [
-        "affine_itk.txt", "disp.nii.gz", "inverse_disp.nii.gz", "inverse_warp_itk.nii.gz", "inverse_warped.nii.gz",
-        "jacobian.nii.gz", "metrics.json", "qc.png", "warp_itk.nii.gz", "warped.nii.gz"]
+        "affine_itk.txt", "disp.nii.gz", "jacobian.nii.gz", "metrics.json", "qc.png", "warp_itk.nii.gz", "warped.nii.gz"]
+    assert "inverse_consistency" not in json.loads((default / "metrics.json").read_text())  # not computed either
+    inverse = tmp_path / "inverse"
+    assert _cli(cli_pair, inverse, "--outputs", "warped", "--inverse").exit_code == 0
+    assert sorted(p.name for p in inverse.iterdir()) == [
+        "affine_itk.txt", "inverse_disp.nii.gz", "inverse_warp_itk.nii.gz", "inverse_warped.nii.gz", "metrics.json",
+        "warped.nii.gz"]
+    assert "inverse_consistency" in json.loads((inverse / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize(("outputs", "inverse", "expected"), [
+    (None, None, DEFAULT_OUTPUTS), ("default", None, DEFAULT_OUTPUTS), ("all", None, OUTPUT_KINDS),
+    ("all", False, DEFAULT_OUTPUTS), (None, True, OUTPUT_KINDS), ("none", True, ("inverse",)),
+    ("qc,warped", None, ("warped", "qc")), ("inverse,default", False, DEFAULT_OUTPUTS)])
+def test_outputs_and_inverse_choose_the_kinds(outputs, inverse, expected) -> None:
+    assert with_inverse(parse_outputs(outputs), inverse) == expected
+    assert "inverse" not in DEFAULT_OUTPUTS
 
 
 def test_unknown_output_is_one_line(cli_pair: dict[str, Path], tmp_path: Path) -> None:
@@ -239,7 +255,9 @@ def test_whole_voxel_composition_equals_interpolation(small_pair: dict[str, Path
     assert (fast.warped_seg != slow.warped_seg).mean() < 1e-3  # nearest neighbour at float ties
 
 
-def test_coarse_to_fine_refinement_improves_the_match() -> None:
+@pytest.mark.parametrize("search_int_steps", [None, 1])
+def test_coarse_to_fine_refinement_improves_the_match(search_int_steps: int | None) -> None:
+    from eoir_cli.coords import jacobian_determinant
     from eoir_cli.losses import ncc_loss
     from eoir_cli.refine import refine
     from eoir_cli.spatial import identity_grid, warp
@@ -253,9 +271,14 @@ def test_coarse_to_fine_refinement_improves_the_match() -> None:
     fixed = warp(moving, d_true)
     start = -ncc_loss(moving, fixed, window=5).item()
     disp = refine(fixed, moving, None, steps=10, lr=0.5, weight=1.0, window=5, int_steps=4, scale=0.5,
-                  coarse_steps=10)
+                  coarse_steps=10, search_int_steps=search_int_steps)
     assert disp.shape == (1, 3, 32, 40, 36)
     assert -ncc_loss(warp(moving, disp), fixed, window=5).item() > start + 0.05
+    assert jacobian_determinant(disp).min() > 0  # a cheaper search still ends in a 4-step exponential
+    if search_int_steps is not None:  # the knob changes the search, not a no-op
+        full = refine(fixed, moving, None, steps=10, lr=0.5, weight=1.0, window=5, int_steps=4, scale=0.5,
+                      coarse_steps=10)
+        assert (disp - full).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ threads

@@ -112,7 +112,7 @@ class IdentityNetwork:
 def registered(pair: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reg") / "out"
     register(pair["fixed"], pair["moving"], out, model=IdentityNetwork(), moving_seg=pair["moving_seg"],
-             fixed_seg=pair["fixed_seg"], spacing=SPACING)
+             fixed_seg=pair["fixed_seg"], spacing=SPACING, outputs="all")
     return out
 
 

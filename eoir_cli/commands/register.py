@@ -76,18 +76,19 @@ def register_command(
     labels: Annotated[str | None, typer.Option(help="Label values scored by Dice/HD95, e.g. 2,3,41 "
                                                "(default: a --pairs manifest's labels_eval, else every "
                                                "non-zero label in either map).")] = None,
-    inverse: Annotated[bool, typer.Option("--inverse/--no-inverse", help="Also write the inverse transform "
-                                          "(inverse_*.nii.gz on the moving grid) and its inverse consistency."
-                                          )] = PIPELINE.inverse,
+    inverse: Annotated[bool | None, typer.Option("--inverse/--no-inverse", help="Also write the inverse transform "
+                                                 "(inverse_*.nii.gz on the moving grid) and its inverse "
+                                                 "consistency (off by default: ~2.5 s more per pair).")] = None,
     outputs: Annotated[str, typer.Option(help="Outputs to write, comma-separated: warped,disp,warp_itk,"
-                                         "warped_seg,jacobian,inverse,qc or none (metrics.json always).")] = "all",
+                                         "warped_seg,jacobian,inverse,qc; all (with the inverse), default "
+                                         "(all but the inverse) or none (metrics.json always).")] = "default",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: $EOIR_THREADS, else "
                                                 "$OMP_NUM_THREADS, else one per core this process may use).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results already in -o (one pair), or "
                                             "register the finished pairs of a batch again (else skipped).")]
     = False,
 ) -> None:
-    """Register MOVING to FIXED; write warped, disp, warp_itk, warped_seg, jacobian, the inverse, metrics, qc.png.
+    """Register MOVING to FIXED; write warped, disp, warp_itk, warped_seg, jacobian, metrics, qc.png (--inverse: its inverse).
 
     Example: eoir register fixed.nii.gz moving.nii.gz -o out/ --moving-seg moving_seg.nii.gz --refine 20
 
@@ -97,7 +98,7 @@ def register_command(
     from eoir_cli.threads import configure_threads
 
     configure_threads(threads)  # before torch loads: the OpenMP waiting policy is read once
-    chosen = parse_outputs(None if outputs == "all" else outputs)
+    chosen = parse_outputs(outputs)
     options = dict(affine=affine, refine=refine, refine_coarse=refine_coarse, lumir=lumir, spacing=spacing,
                    window=parse_window(window),
                    hd95=not no_hd95, labels=parse_labels(labels), fit_grid=fit_grid, allow_mismatch=allow_mismatch,
