@@ -126,3 +126,22 @@ def test_input_scale_model_runs_lean_on_the_resampled_pair() -> None:
         pyramid = model.forward_pyramid(resize(moving, size=(32, 32, 32)), resize(fixed, size=(32, 32, 32)))
         got = lean.forward_lean(model, resize(moving, size=(32, 32, 32)), resize(fixed, size=(32, 32, 32)))
     torch.testing.assert_close(got, pyramid.disps[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("cin", "cout", "size", "padding", "stride"), [
+    (8, 8, (20, 28, 24), (1, 1, 1), (1, 1, 1)),  # the shape PyTorch sends to its reference kernel
+    (1, 8, (17, 9, 12), (1, 1, 1), (1, 1, 1)), (4, 6, (12, 10, 14), (2, 2, 2), (2, 2, 2))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_conv3d_equals_torch_conv3d(cin: int, cout: int, size: tuple[int, int, int],
+                                           padding: tuple[int, int, int], stride: tuple[int, int, int],
+                                           dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(cin * 100 + cout)
+    x = torch.randn(1, cin, *size, generator=gen).to(dtype)
+    w = torch.randn(cout, cin, 5 if padding[0] == 2 else 3, 5 if padding[0] == 2 else 3,
+                    5 if padding[0] == 2 else 3, generator=gen).to(dtype)
+    b = torch.randn(cout, generator=gen).to(dtype)
+    ours = lean.conv3d(x, w, b, stride, padding)
+    ref = F.conv3d(x.float(), w.float(), b.float(), stride, padding)
+    tol = 1e-4 if dtype == torch.float32 else 0.05 * ref.abs().max().item()
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours.float(), ref, rtol=0, atol=tol)
