@@ -284,6 +284,16 @@ def test_coarse_to_fine_refinement_improves_the_match(search_int_steps: int | No
 # ------------------------------------------------------------------------------------------------ threads
 
 
+def test_freed_memory_is_kept_for_reuse_where_glibc_allows_it() -> None:
+    import platform
+    import subprocess
+    import sys
+
+    code = "from eoir_cli.threads import retain_freed_memory; print(retain_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ("True" if platform.libc_ver()[0] == "glibc" else "False")
+
+
 def test_thread_knob_sets_torch_threads_and_a_small_block_runs_on_one(monkeypatch: pytest.MonkeyPatch) -> None:
     from eoir_cli.threads import THREADS_ENV, configure_threads, default_threads, torch_threads
 

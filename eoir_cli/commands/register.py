@@ -95,9 +95,10 @@ def register_command(
     Batch:   eoir register --pairs data/LUMIR_dataset.json -o out/ --lumir
     """
     from eoir_cli.outputs import parse_outputs
-    from eoir_cli.threads import configure_threads
+    from eoir_cli.threads import configure_threads, retain_freed_memory
 
     configure_threads(threads)  # before torch loads: the OpenMP waiting policy is read once
+    retain_freed_memory()
     chosen = parse_outputs(outputs)
     options = dict(affine=affine, refine=refine, refine_coarse=refine_coarse, lumir=lumir, spacing=spacing,
                    window=parse_window(window),
