@@ -221,13 +221,19 @@ def write_gzip_parallel(path: str | os.PathLike[str], data: bytes, level: int = 
 
     from eoir_cli.threads import num_threads
 
+    try:  # Intel ISA-L (the isal package): a standard deflate stream, ~4x faster than zlib's level 1
+        from isal import isal_zlib
+    except ImportError:  # a platform without its wheel: zlib
+        isal_zlib = None
+
     def member(start: int) -> bytes:
-        # wbits 16 + 15: a gzip header and trailer. Z_RLE (matches of the previous byte only) is a
-        # standard deflate stream any reader inflates; on our float32 fields and images it compresses
-        # ~3x faster than the default strategy at level 1 to within 1 % of its size (disp 0.81 vs
-        # 0.80 of the raw bytes, warped 0.23 vs 0.24, jacobian 0.85 vs 0.86).
-        comp = zlib.compressobj(level, zlib.DEFLATED, 31, 8, zlib.Z_RLE)
+        # wbits 16 + 15: a gzip header and trailer. isal level 1 gives zlib level 1's size (disp
+        # 68.6 MB from 82.6 MB in 0.17 s against 0.69 s). zlib's Z_RLE (matches of the previous byte
+        # only) compresses ~3x faster than its default strategy at level 1 to within 1 % of its size.
         view = memoryview(data)[start:start + chunk]
+        if isal_zlib is not None and level > 0:
+            return isal_zlib.compress(view, min(level, isal_zlib.ISAL_BEST_COMPRESSION), wbits=31)
+        comp = zlib.compressobj(level, zlib.DEFLATED, 31, 8, zlib.Z_RLE)
         return comp.compress(view) + comp.flush()
 
     starts = range(0, max(len(data), 1), chunk)
