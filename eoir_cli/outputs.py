@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -208,9 +209,57 @@ def check_outputs_are_not_inputs(out_dir: Path, inputs: Sequence[Volume | None],
             raise EoirError(f"output folder {out_dir} would overwrite the input {vol.path}; choose another -o")
 
 
+class EarlyWriter:
+    """Starts ``write(ready)`` on a thread at once, for a writer that calls ``ready()`` once its
+    large files are written and before it needs the rest of the result (metrics, picture).
+
+    ``ready()`` waits for :meth:`release` (the writer then finishes and :meth:`release` returns its
+    paths or raises its error) or :meth:`abandon` (``ready()`` raises, so the writer's staging
+    folder is removed and nothing reaches the output folder). The thread is not a daemon: an
+    interpreter that exits while a released writer runs lets it finish its renames.
+    """
+
+    class Abandoned(Exception):
+        """Raised in the writer by ``ready()`` after :meth:`abandon`."""
+
+    def __init__(self, write: Callable[[Callable[[], None]], dict[str, Path]]) -> None:
+        self._go = threading.Event()
+        self._abandoned = False
+        self._paths: dict[str, Path] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(write,), name="eoir-writer")
+        self._thread.start()
+
+    def _ready(self) -> None:
+        self._go.wait()
+        if self._abandoned:
+            raise EarlyWriter.Abandoned
+
+    def _run(self, write: Callable[[Callable[[], None]], dict[str, Path]]) -> None:
+        try:
+            self._paths = write(self._ready)
+        except BaseException as err:  # handed to the caller by release()
+            self._error = err
+
+    def release(self) -> dict[str, Path]:
+        """Let the writer finish; its paths, or its error raised here."""
+        self._go.set()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._paths
+
+    def abandon(self) -> None:
+        """Stop the writer at ``ready()`` and wait until its staging folder is gone."""
+        self._abandoned = True
+        self._go.set()
+        self._thread.join()
+
+
 def write_outputs(out_dir: Path, result: RegistrationResult, fixed: Volume, mseg: Volume | None,
                   names: Sequence[str], lumir: bool, finish_metrics: Callable[[], None],
-                  moving: Volume | None = None, outputs: Sequence[str] = DEFAULT_OUTPUTS) -> dict[str, Path]:
+                  moving: Volume | None = None, outputs: Sequence[str] = DEFAULT_OUTPUTS,
+                  ready: Callable[[], None] | None = None) -> dict[str, Path]:
     """Write every output of ``result`` on the fixed grid (see the module docstring for the order).
 
     Args:
@@ -224,6 +273,8 @@ def write_outputs(out_dir: Path, result: RegistrationResult, fixed: Volume, mseg
         finish_metrics: called just before ``metrics.json`` is written (to stamp total timings).
         moving: the moving volume (affine and header of the inverse outputs, on its grid).
         outputs: the output kinds to write (:data:`OUTPUT_KINDS`); ``metrics.json`` always.
+        ready: called after the images and fields are staged, before ``result.qc_png`` and
+            ``result.metrics`` are read (see :class:`EarlyWriter`); raising there abandons the write.
 
     Returns:
         Output name -> final path.
@@ -259,6 +310,8 @@ def write_outputs(out_dir: Path, result: RegistrationResult, fixed: Volume, mseg
                 save_volume(stage / "inverse_disp.nii.gz", result.inverse_disp, moving.affine, mhdr, np.float32)
                 save_itk_displacement(stage / "inverse_warp_itk.nii.gz", result.inverse_warp_itk, moving.affine,
                                       mhdr)
+        if ready is not None:
+            ready()
         if "qc" in chosen and result.qc_png is not None:
             (stage / "qc.png").write_bytes(result.qc_png)
         finish_metrics()

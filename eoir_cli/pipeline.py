@@ -30,6 +30,7 @@ from eoir_cli.errors import EoirError
 from eoir_cli.io import Volume, check_same_grid, load_volume
 from eoir_cli.outputs import (
     OUTPUT_NAMES,
+    EarlyWriter,
     RegistrationResult,
     check_output_folder,
     check_outputs_are_not_inputs,
@@ -351,90 +352,105 @@ def register(
             inversion = invert_disp(torch.from_numpy(network_disp)[None])
             inverse_maps = compose_inverse_to_native(fixed_v, moving_v, grid, network_disp,
                                                      inversion.inverse[0].numpy(), transform)
-    with timer("metrics"):
-        from eoir_cli import metrics
-
-        # The whole transform x -> M·(x + u(x)) on the network grid (M: the affine in network voxels):
-        # its determinants are det(M) times those of u, so the total field is never built.
-        linear = (np.linalg.inv(grid.affine) @ transform @ grid.affine)[:3, :3]
-        field_stats = metrics.field_metrics(network_disp, linear=linear)
-        seg_stats = (_seg_metrics(native.before_seg, native.warped_seg, fseg.data, mseg.data, fixed_v.spacing, hd95,
-                                  labels)
-                     if fseg is not None and mseg is not None and native.warped_seg is not None else None)
-        if inverse_maps is not None and inversion is not None:
-            # Foreground as the network grid's planning sees it (preprocess.foreground_bbox: > 0.05).
-            consistency = metrics.inverse_consistency(native.disp, fixed_v.affine, fixed01 > 0.05,
-                                                      inverse_maps.disp, moving_v.affine, moving01 > 0.05)
-            consistency["method"] = "newton"
-            consistency["iterations"] = inversion.iterations
-    png = None
-    if qc:
-        with timer("qc"):
-            from eoir_cli.qc import render_qc
-
-            if shown_window:
-                fixed_shown, warped_shown = (apply_window(v, shown_window) for v in (fixed_v.data, native.warped))
-            else:  # the moving image's contrast
-                fixed_shown, warped_shown = fixed01, normalize(native.warped, norm, reference=moving_v.data)
-            notes = [f"NDV {field_stats['ndv_percent']:.4f} %",
-                     f"det J <= 0: {field_stats['jac_nonpos_percent']:.4f} %",
-                     f"network grid {'x'.join(map(str, grid.shape))} at {float(np.mean(grid.spacing)):g} mm"]
-            if shown_window:
-                notes.append(f"CT shown at {shown_window[0]:g}..{shown_window[1]:g} HU")
-            dice = ((seg_stats["dice_before_mean"], seg_stats["dice_after_mean"], len(seg_stats["labels"]))
-                    if seg_stats else None)
-            png = render_qc(fixed_shown, native.before, warped_shown, native.net_coords, jacobian, fixed_v.affine,
-                            fixed_name=fixed_v.path.name if fixed_v.path else None,
-                            moving_name=moving_v.path.name if moving_v.path else None, dice=dice, notes=notes)
-
-    result_metrics: dict[str, Any] = {
-        "fixed": str(fixed_v.path) if fixed_v.path else None,
-        "moving": str(moving_v.path) if moving_v.path else None,
-        "backend": getattr(net, "name", "torch"),
-        "device": str(getattr(net, "device", "cpu")),
-        "model": _model_name(model) if not isinstance(model, (str, os.PathLike)) else str(model),
-        "precision": getattr(net, "precision", precision),
-        "network_grid": {"shape": list(grid.shape), "spacing_mm": [round(s, 6) for s in grid.spacing],
-                         "affine": np.round(grid.affine, 6).tolist()},
-        "deployment": {**facts.to_dict(), "source": facts.source, "normalization_used": norm.to_dict()},
-        "warnings": warnings,
-        "affine_ras": np.round(transform, 8).tolist(),
-        "refine_steps": int(refine),
-        "refine_coarse_steps": int(refine_coarse) if refine > 0 else 0,
-        "field": {**field_stats, "grid": "network grid: the whole transform (affine + network + refine) as a "
-                                         "self-map of the network grid, interior voxels"},
-    }
-    if jacobian is not None:
-        result_metrics["jacobian_native"] = {
-            "min": float(jacobian.min()), "max": float(jacobian.max()),
-            "nonpositive_percent": float((jacobian <= 0).mean() * 100),
-            "grid": "fixed image's native grid: the physical (mm -> mm) Jacobian of jacobian.nii.gz"}
-    if seg_stats is not None:
-        result_metrics["segmentation"] = seg_stats
-    if inverse_maps is not None:
-        result_metrics["inverse_consistency"] = consistency
     result = RegistrationResult(
         warped=native.warped, disp=native.disp, warp_itk=native.warp_itk, jacobian=jacobian,
         warped_seg=native.warped_seg, affine=transform, network_disp=network_disp, grid=grid,
-        metrics=result_metrics, qc_png=png,
+        metrics={}, qc_png=None,
         inverse_warped=inverse_maps.warped if inverse_maps is not None else None,
         inverse_disp=inverse_maps.disp if inverse_maps is not None else None,
         inverse_warp_itk=inverse_maps.warp_itk if inverse_maps is not None else None,
     )
+
     def stamp_timings() -> None:
-        result_metrics["timings_s"] = dict(timer.times, total=round(time.perf_counter() - t_start, 4))
+        result.metrics["timings_s"] = dict(timer.times, total=round(time.perf_counter() - t_start, 4))
 
-    if out_dir is not None:
-        def write() -> dict[str, Path]:
-            with timer("write"):
-                result.paths = write_outputs(Path(out_dir), result, fixed_v, mseg, names, lumir, stamp_timings,
-                                             moving_v, chosen)
-            return result.paths
+    def write(ready: Callable[[], None] | None = None) -> dict[str, Path]:
+        assert out_dir is not None
+        result.paths = write_outputs(Path(out_dir), result, fixed_v, mseg, names, lumir, stamp_timings, moving_v,
+                                     chosen, ready=ready)
+        return result.paths
 
-        if write_later:
-            result.write = write
-        else:
-            write()
-    else:
+    # One registration writes its images and fields while the metrics and the picture are computed
+    # (a batch overlaps all of its writing with the next pair instead: write_later).
+    early = EarlyWriter(write) if out_dir is not None and not write_later else None
+    try:
+        with timer("metrics"):
+            from eoir_cli import metrics
+
+            # The whole transform x -> M·(x + u(x)) on the network grid (M: the affine in network voxels):
+            # its determinants are det(M) times those of u, so the total field is never built.
+            linear = (np.linalg.inv(grid.affine) @ transform @ grid.affine)[:3, :3]
+            field_stats = metrics.field_metrics(network_disp, linear=linear)
+            seg_stats = (_seg_metrics(native.before_seg, native.warped_seg, fseg.data, mseg.data, fixed_v.spacing, hd95,
+                                      labels)
+                         if fseg is not None and mseg is not None and native.warped_seg is not None else None)
+            if inverse_maps is not None and inversion is not None:
+                # Foreground as the network grid's planning sees it (preprocess.foreground_bbox: > 0.05).
+                consistency = metrics.inverse_consistency(native.disp, fixed_v.affine, fixed01 > 0.05,
+                                                          inverse_maps.disp, moving_v.affine, moving01 > 0.05)
+                consistency["method"] = "newton"
+                consistency["iterations"] = inversion.iterations
+        png = None
+        if qc:
+            with timer("qc"):
+                from eoir_cli.qc import render_qc
+
+                if shown_window:
+                    fixed_shown, warped_shown = (apply_window(v, shown_window) for v in (fixed_v.data, native.warped))
+                else:  # the moving image's contrast
+                    fixed_shown, warped_shown = fixed01, normalize(native.warped, norm, reference=moving_v.data)
+                notes = [f"NDV {field_stats['ndv_percent']:.4f} %",
+                         f"det J <= 0: {field_stats['jac_nonpos_percent']:.4f} %",
+                         f"network grid {'x'.join(map(str, grid.shape))} at {float(np.mean(grid.spacing)):g} mm"]
+                if shown_window:
+                    notes.append(f"CT shown at {shown_window[0]:g}..{shown_window[1]:g} HU")
+                dice = ((seg_stats["dice_before_mean"], seg_stats["dice_after_mean"], len(seg_stats["labels"]))
+                        if seg_stats else None)
+                png = render_qc(fixed_shown, native.before, warped_shown, native.net_coords, jacobian, fixed_v.affine,
+                                fixed_name=fixed_v.path.name if fixed_v.path else None,
+                                moving_name=moving_v.path.name if moving_v.path else None, dice=dice, notes=notes)
+
+        result_metrics: dict[str, Any] = {
+            "fixed": str(fixed_v.path) if fixed_v.path else None,
+            "moving": str(moving_v.path) if moving_v.path else None,
+            "backend": getattr(net, "name", "torch"),
+            "device": str(getattr(net, "device", "cpu")),
+            "model": _model_name(model) if not isinstance(model, (str, os.PathLike)) else str(model),
+            "precision": getattr(net, "precision", precision),
+            "network_grid": {"shape": list(grid.shape), "spacing_mm": [round(s, 6) for s in grid.spacing],
+                             "affine": np.round(grid.affine, 6).tolist()},
+            "deployment": {**facts.to_dict(), "source": facts.source, "normalization_used": norm.to_dict()},
+            "warnings": warnings,
+            "affine_ras": np.round(transform, 8).tolist(),
+            "refine_steps": int(refine),
+            "refine_coarse_steps": int(refine_coarse) if refine > 0 else 0,
+            "field": {**field_stats, "grid": "network grid: the whole transform (affine + network + refine) as a "
+                                             "self-map of the network grid, interior voxels"},
+        }
+        if jacobian is not None:
+            result_metrics["jacobian_native"] = {
+                "min": float(jacobian.min()), "max": float(jacobian.max()),
+                "nonpositive_percent": float((jacobian <= 0).mean() * 100),
+                "grid": "fixed image's native grid: the physical (mm -> mm) Jacobian of jacobian.nii.gz"}
+        if seg_stats is not None:
+            result_metrics["segmentation"] = seg_stats
+        if inverse_maps is not None:
+            result_metrics["inverse_consistency"] = consistency
+        result.metrics.update(result_metrics)
+        result.qc_png = png
+    except BaseException:
+        if early is not None:
+            early.abandon()
+        raise
+    if out_dir is None:
         stamp_timings()
+    elif early is not None:
+        with timer("write"):
+            early.release()
+    else:
+        def write_now() -> dict[str, Path]:
+            with timer("write"):
+                return write()
+
+        result.write = write_now
     return result

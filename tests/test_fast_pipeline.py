@@ -148,7 +148,8 @@ def test_outputs_option_writes_only_what_is_asked(cli_pair: dict[str, Path], tmp
     default = tmp_path / "default"
     assert _cli(cli_pair, default).exit_code == 0
     assert sorted(p.name for p in default.iterdir()) == [
-        "affine_itk.txt", "disp.nii.gz", "jacobian.nii.gz", "metrics.json", "qc.png", "warp_itk.nii.gz", "warped.nii.gz"]
+        "affine_itk.txt", "disp.nii.gz", "jacobian.nii.gz", "metrics.json", "qc.png", "warp_itk.nii.gz",
+        "warped.nii.gz"]
     assert "inverse_consistency" not in json.loads((default / "metrics.json").read_text())  # not computed either
     inverse = tmp_path / "inverse"
     assert _cli(cli_pair, inverse, "--outputs", "warped", "--inverse").exit_code == 0
@@ -185,8 +186,9 @@ def test_stages_are_shown_as_they_finish(cli_pair: dict[str, Path], tmp_path: Pa
     assert stages.index("affine") < stages.index("network") < stages.index("refine") < stages.index("write")
 
 
+@pytest.mark.parametrize("where", ["compose", "metrics"])  # metrics: while the images are being written
 def test_ctrl_c_says_what_was_kept_and_leaves_nothing(cli_pair: dict[str, Path], tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     import eoir_cli.composition as composition
 
     def interrupted(*args: object, **kwargs: object) -> None:
@@ -195,7 +197,10 @@ def test_ctrl_c_says_what_was_kept_and_leaves_nothing(cli_pair: dict[str, Path],
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    monkeypatch.setattr(composition, "compose_to_native", interrupted)
+    if where == "compose":
+        monkeypatch.setattr(composition, "compose_to_native", interrupted)
+    else:
+        monkeypatch.setattr(metrics, "field_metrics", interrupted)
     result = _cli(cli_pair, out)
     assert result.exit_code == 130
     lines = [ln for ln in result.output.splitlines() if ln.startswith("interrupted:")]
@@ -338,3 +343,26 @@ def test_cumsum_box_ncc_equals_the_convolution_in_value_and_gradient(window: int
     torch.testing.assert_close(grad_cumsum, grad_conv, rtol=1e-8, atol=1e-12)
     with pytest.raises(ValueError, match="box: expected 'conv' or 'cumsum', got 'fft'"):
         ncc_loss(warped, fixed, box="fft")  # type: ignore[arg-type]
+
+
+def test_early_writer_hands_back_paths_errors_and_stops_when_abandoned() -> None:
+    from eoir_cli.outputs import EarlyWriter
+
+    steps: list[str] = []
+
+    def write(ready):  # noqa: ANN001, ANN202
+        steps.append("big files")
+        ready()
+        steps.append("the rest")
+        return {"metrics.json": Path("m")}
+
+    assert EarlyWriter(write).release() == {"metrics.json": Path("m")} and steps == ["big files", "the rest"]
+    steps.clear()
+    EarlyWriter(write).abandon()
+    assert steps == ["big files"]  # stopped at ready()
+
+    def failing(ready):  # noqa: ANN001, ANN202
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        EarlyWriter(failing).release()

@@ -88,7 +88,7 @@ def register_command(
                                             "register the finished pairs of a batch again (else skipped).")]
     = False,
 ) -> None:
-    """Register MOVING to FIXED; write warped, disp, warp_itk, warped_seg, jacobian, metrics, qc.png (--inverse: its inverse).
+    """Register MOVING to FIXED; write warped, disp, warp_itk, warped_seg, jacobian, metrics, qc.png (+ --inverse).
 
     Example: eoir register fixed.nii.gz moving.nii.gz -o out/ --moving-seg moving_seg.nii.gz --refine 20
 
