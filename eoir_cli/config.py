@@ -250,10 +250,11 @@ class PipelineDefaults:
     """Defaults of ``eoir register`` / ``eoir demo``, chosen by measurement (README, "Speed, and a busy CPU").
 
     Refinement runs coarse to fine: 30 Adam steps at a quarter of the network grid (each ~1/8 the
-    cost of a half-resolution step), then 2 at half resolution, NCC window 5, 4 squaring steps.
-    On the labelled sample brains with today's bundled network this reaches mean Dice 0.713, the
-    Dice of 10 half-resolution steps in about the time of 5 (5 alone: 0.691; 20 + 3: 0.708);
-    ``benchmarks/bench_default_pipeline.py --refine 2 --coarse 30`` re-measures it.
+    cost of a half-resolution step), then 2 at half resolution, NCC window 5; the search integrates
+    with 2 squaring steps and the answer with 4. On the labelled sample brains with the bundled
+    network this reaches mean Dice 0.722 in 2.2 s (4 squarings in the search: 0.723 in 3.3 s);
+    ``benchmarks/bench_default_pipeline.py --refine 2 --coarse 30`` re-measures it. The inverse
+    transform is an output chosen with ``--inverse`` (not a default: ~2.5 s per LUMIR-grid pair).
     """
 
     affine: bool = True
