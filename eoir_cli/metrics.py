@@ -111,15 +111,16 @@ def dice_per_label(pred: np.ndarray, target: np.ndarray, labels: Iterable[int] |
     """
     pred, target = _check_labels(pred, target)
     wanted = _label_list(pred, target, labels)
-    # One pass over the volume for all labels: histograms of label positions (pred, target, and
-    # where both agree) instead of three full-volume comparisons per label.
+    # One pass over the volume for all labels: the joint histogram of label positions (pred x
+    # target) instead of three full-volume comparisons per label; its margins are the label
+    # volumes, its diagonal the overlaps.
     values = np.unique(np.asarray(wanted, dtype=np.int64))
     k = len(values)
     pos_p = _label_index(pred, values)
-    pos_t = _label_index(target, values)
-    count_p = np.bincount(pos_p, minlength=k + 1)
-    count_t = np.bincount(pos_t, minlength=k + 1)
-    both = np.bincount(pos_p[pos_p == pos_t], minlength=k + 1)
+    pos_p *= k + 1
+    pos_p += _label_index(target, values)
+    joint = np.bincount(pos_p, minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
+    count_p, count_t, both = joint.sum(axis=1), joint.sum(axis=0), np.diagonal(joint)
     out: dict[int, float] = {}
     for label in wanted:
         i = int(np.searchsorted(values, label))
