@@ -89,14 +89,40 @@ class SavedTransform:
     inverse: Field | None
     source: Path
 
-    def field(self, inverse: bool) -> Field:
-        """The field that lives on the target grid of images mapped in this direction."""
+    def field(self, inverse: bool, reference: Volume | str | os.PathLike[str] | None = None) -> Field:
+        """The field that lives on the target grid of images mapped in this direction.
+
+        A folder saved without the inverse (``eoir register``'s default) gets it computed from the
+        forward field on the moving grid (:func:`inverse_from_forward`, a few seconds at
+        160×224×192): the grid of ``reference``, else of the moving image named in the folder's
+        ``metrics.json``.
+        """
         if not inverse:
             return self.forward
         if self.inverse is None:
-            raise EoirError(f"{self.source}: no {INVERSE_FIELD} beside {self.forward.path.name} (registered "
-                            "without the inverse, the default); register again with --inverse to get it")
+            target = reference if reference is not None else self.moving_image()
+            if target is None:
+                raise EoirError(f"{self.source}: no {INVERSE_FIELD} beside {self.forward.path.name} (registered "
+                                "without --inverse) and no moving image to compute it on: pass --reference "
+                                "MOVING.nii.gz, or register again with --inverse")
+            if not isinstance(target, Volume):
+                target = load_volume(target, what="reference")
+            log.info("computing the inverse field on the grid of %s", target.name)
+            self.inverse = inverse_from_forward(self.forward, target)
         return self.inverse
+
+    def moving_image(self) -> Path | None:
+        """The moving image a registration folder's ``metrics.json`` names, when it still exists."""
+        import json
+
+        record = self.source / "metrics.json" if self.source.is_dir() else None
+        if record is None or not record.is_file():
+            return None
+        try:
+            moving = json.loads(record.read_text()).get("moving")
+        except (OSError, ValueError):
+            return None
+        return Path(moving) if moving and Path(moving).is_file() else None
 
 
 def open_transform(path: str | os.PathLike[str]) -> SavedTransform:
@@ -122,6 +148,31 @@ def open_transform(path: str | os.PathLike[str]) -> SavedTransform:
     if not path.exists():
         raise EoirError(f"{path}: no such registration folder or field file")
     return SavedTransform(Field(*load_itk_displacement(path, "field"), path), None, path)
+
+
+def inverse_from_forward(forward: Field, target: Volume) -> Field:
+    """The inverse of a saved forward field, as an ITK field on ``target``'s grid (the moving image's).
+
+    The forward map in fixed voxel indices, ``i -> i + u(i)`` with ``u = A_fixed⁻¹ · d`` (affine part
+    included), is inverted by Newton's method coarse to fine (:func:`eoir_cli.inverse.invert_disp`)
+    and every target voxel is mapped back with one more Newton step at its own position
+    (:func:`eoir_cli.composition.compose_inverse_to_native`): the chain ``eoir register --inverse``
+    runs, with the fixed grid in the role of the network grid and no separate affine.
+    """
+    import torch
+
+    from eoir_cli.composition import compose_inverse_to_native
+    from eoir_cli.inverse import invert_disp
+    from eoir_cli.preprocess import NetworkGrid
+
+    to_index = np.linalg.inv(forward.affine)[:3, :3].astype(np.float32)
+    d_ras = np.moveaxis(forward.disp_lps, -1, 0).astype(np.float32) * RAS_TO_LPS.astype(np.float32)[:, None, None, None]
+    u = np.ascontiguousarray(np.einsum("ij,j...->i...", to_index, d_ras))
+    inversion = invert_disp(torch.from_numpy(u)[None])
+    fixed = Volume(data=np.zeros(forward.shape, np.float32), affine=forward.affine, header=forward.header, path=None)
+    maps = compose_inverse_to_native(fixed, target, NetworkGrid(shape=forward.shape, affine=forward.affine), u,
+                                     inversion.inverse[0].numpy(), np.eye(4))
+    return Field(maps.warp_itk, target.affine.copy(), target.header, forward.path.parent / INVERSE_FIELD)
 
 
 def _to_index(affine: np.ndarray, points_ras: np.ndarray) -> np.ndarray:
@@ -200,6 +251,7 @@ def apply_to_image(
     inverse: bool = False,
     interp: Interp = "linear",
     slab: int = 16,
+    reference: Volume | str | os.PathLike[str] | None = None,
 ) -> Volume:
     """Resample an image of the source space onto the registration's grid of the target space.
 
@@ -211,6 +263,8 @@ def apply_to_image(
         interp: ``"linear"`` (trilinear, float32), ``"nearest"`` or ``"label"`` (label-preserving:
             argmax of per-label trilinear weights); zeros outside the image.
         slab: planes of the target grid per step (bounds memory).
+        reference: with ``inverse`` and a folder saved without the inverse: an image on the moving
+            grid, where the inverse is computed (default: the moving image its ``metrics.json`` names).
 
     Returns:
         A :class:`~eoir_cli.io.Volume` on the target grid (float32 for ``linear``, int32 otherwise).
@@ -221,7 +275,7 @@ def apply_to_image(
         raise EoirError(f"interpolation: expected one of {INTERPS}, got {interp!r}")
     if not isinstance(transform, SavedTransform):
         transform = open_transform(transform)
-    field = transform.field(inverse)
+    field = transform.field(inverse, reference)
     if not isinstance(image, Volume):
         image = load_volume(image, kind="image" if interp == "linear" else "label", what="image")
     check_overlap(field, image, "image")

@@ -25,14 +25,17 @@ def apply_command(
                                                  "fixed space), any grid.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output image (.nii.gz) or, with --points, "
                                              "CSV.")] = None,
-    inverse: Annotated[bool, typer.Option("--inverse", help="Fixed space -> moving space (needs the folder).")] = False,
+    inverse: Annotated[bool, typer.Option("--inverse", help="Fixed space -> moving space (the folder's inverse field, "
+                                          "else computed from the forward one on the moving grid).")] = False,
     interp: Annotated[InterpChoice, typer.Option(help="linear (images), nearest, or label (label-preserving: "
                                                  "argmax of per-label linear weights).")] = InterpChoice.linear,
     labels: Annotated[bool, typer.Option("--labels", help="IMAGE is a label map: same as --interp label.")] = False,
     points: Annotated[Path | None, typer.Option(help="Points CSV with columns R,A,S or L,P,S / x,y,z (LPS mm) "
                                                 "or i,j,k (voxel indices).")] = None,
     reference: Annotated[Path | None, typer.Option(help="With i,j,k points: the image they index (default: the "
-                                                   "registration's grid of the source space).")] = None,
+                                                   "registration's grid of the source space). With --inverse and "
+                                                   "no saved inverse: the moving image (default: the one "
+                                                   "metrics.json names).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
 ) -> None:
     """Apply a saved registration: moving-space images/points -> fixed space (--inverse: the way back).
@@ -69,7 +72,10 @@ def apply_command(
     if not is_nifti_path(out):
         raise fail(f"-o {out}: expected a .nii or .nii.gz image")
     mode = "label" if labels else interp.value
-    warped = apply_to_image(transform, image, inverse=inverse, interp=mode)
+    if inverse and transform.inverse is None and (reference is not None or transform.moving_image() is not None):
+        console.print("computing the inverse from the forward field (the registration was saved without "
+                      "--inverse) ...", highlight=False)
+    warped = apply_to_image(transform, image, inverse=inverse, interp=mode, reference=reference)
     save_volume(out, warped.data, warped.affine, _scalar_header(warped.header), warped.data.dtype)
     console.print(f"[green]wrote[/] {out} ({'x'.join(map(str, warped.shape))}, {mode})", highlight=False)
 
