@@ -354,3 +354,28 @@ def test_no_inverse_and_no_moving_image_is_one_clear_error(forward_only: Path, t
                                  str(forward_only / "moving.nii.gz")])
     assert result.exit_code == 0, result.output
     assert "computing the inverse" in result.output and (tmp_path / "x.nii.gz").is_file()
+
+
+def test_ants_reads_both_fields_and_moves_points_the_documented_way(folder: Path) -> None:
+    """antsApplyTransforms / antsApplyTransformsToPoints (antspyx) against eoir apply on the analytic φ."""
+    ants = pytest.importorskip("ants", reason="antspyx is not installed (optional: pip install antspyx)")
+    import pandas as pd
+
+    fixed = ants.image_read(str(folder / "fixed.nii.gz"))
+    moving = ants.image_read(str(folder / "moving.nii.gz"))
+    for target, source, field, inverse in ((fixed, moving, "warp_itk.nii.gz", False),
+                                           (moving, fixed, "inverse_warp_itk.nii.gz", True)):
+        theirs = ants.apply_transforms(fixed=target, moving=source, transformlist=[str(folder / field)],
+                                       interpolator="linear").numpy()
+        ours = apply_to_image(folder, folder / ("fixed.nii.gz" if inverse else "moving.nii.gz"), inverse=inverse).data
+        assert theirs.shape == ours.shape
+        grid = _grid_points(MOVING_AFFINE, MOVING_SHAPE) if inverse else _grid_points(FIXED_AFFINE, FIXED_SHAPE)
+        mapped = phi_inv(grid) if inverse else phi(grid)
+        inside = _inside(mapped, FIXED_AFFINE if inverse else MOVING_AFFINE, FIXED_SHAPE if inverse else MOVING_SHAPE)
+        np.testing.assert_allclose(theirs[inside], ours[inside], rtol=0, atol=1e-3)
+    # ANTs moves points with the forward field from the fixed space into the moving space: eoir's --inverse.
+    p = _grid_points(FIXED_AFFINE, FIXED_SHAPE).reshape(-1, 3)[::97]
+    moved = ants.apply_transforms_to_points(3, pd.DataFrame(p * RAS_TO_LPS, columns=["x", "y", "z"]),
+                                            [str(folder / "warp_itk.nii.gz")])
+    np.testing.assert_allclose(moved[["x", "y", "z"]].to_numpy() * RAS_TO_LPS, map_points(folder, p, inverse=True),
+                               rtol=0, atol=1e-3)
