@@ -5,10 +5,12 @@ start to exit (what a user waits for at the shell: interpreter and torch start-u
 every stage, writing the default outputs), on the labelled pairs of a Learn2Reg-style manifest
 (default: the three ``test`` pairs of ``shared/data/brain_lumirlike``, 160×224×192, 1 mm, scored
 on the manifest's ``labels_eval``; ``--no-hd95`` because HD95 is evaluation, not registration).
-Then the same pairs as one batch process (``--pairs``), whose wall time is divided by the number
-of pairs. Both are run once with the machine otherwise idle ("quiet") and once while this script
-keeps one extra CPU-bound process running ("busy": a Python busy loop, the stand-in for a second
-registration or a training job). Per-stage seconds come from each pair's ``metrics.json``.
+Then the same pairs as one batch process (``--pairs``; each pair ``--batch-repeats`` times under its
+own name, so a batch with several workers is measured past its last, half-empty round), whose wall
+time is divided by the number of pairs. Both are run once with the machine otherwise idle
+("quiet") and once while this script keeps one extra CPU-bound process running ("busy": a Python
+busy loop, the stand-in for a second registration or a training job). Per-stage seconds come from
+each pair's ``metrics.json``.
 
 One command re-measures the default pipeline (e.g. after the bundled network changes):
 
@@ -65,7 +67,17 @@ def _row(metrics: dict[str, Any], wall: float | None) -> dict[str, Any]:
             "jac_nonpos_percent": metrics["field"]["jac_nonpos_percent"], "refine_steps": metrics.get("refine_steps")}
 
 
-def run_condition(pairs: list[dict[str, Path]], labels: list[int], manifest: Path, extra: list[str], busy: bool,
+def _batch_file(pairs: list[dict[str, Path]], repeats: int, path: Path) -> Path:
+    """A pairs.csv with every pair ``repeats`` times (names p<pair>_<copy>)."""
+    lines = ["fixed,moving,fixed_seg,moving_seg,name"]
+    for r in range(repeats):
+        for n, pair in enumerate(pairs):
+            lines.append(f"{pair['fixed']},{pair['moving']},{pair['fixed_seg']},{pair['moving_seg']},p{n}_{r}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_condition(pairs: list[dict[str, Path]], labels: list[int], repeats: int, extra: list[str], busy: bool,
                   work: Path, env: dict[str, str]) -> dict[str, Any]:
     """Single-pair processes, then one batch process, with or without a competing busy loop."""
     hog = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if busy else None
@@ -86,7 +98,9 @@ def run_condition(pairs: list[dict[str, Path]], labels: list[int], manifest: Pat
                   f"Dice {row['dice_before']:.3f} -> {row['dice_after']:.3f}, NDV {row['ndv_percent']:.5f} %, "
                   f"stages {row['stages_s']}", flush=True)
         batch_out = work / f"{'busy' if busy else 'quiet'}_batch"
-        wall, _ = _eoir(["register", "--pairs", str(manifest), "-o", str(batch_out), "--no-hd95", *extra], env)
+        batch = _batch_file(pairs, repeats, work / f"{'busy' if busy else 'quiet'}_pairs.csv")
+        wall, _ = _eoir(["register", "--pairs", str(batch), "-o", str(batch_out), "--no-hd95", *label_arg, *extra],
+                        env)
         batch_rows = [_row(json.loads(p.read_text()), None) for p in sorted(batch_out.glob("*/metrics.json"))]
         print(f"{'busy ' if busy else 'quiet'} batch of {len(batch_rows)}: {wall:.2f} s "
               f"({wall / max(len(batch_rows), 1):.2f} s per pair)", flush=True)
@@ -129,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", type=Path, default=DATA, help="Learn2Reg-style dataset JSON ('test' pairs)")
     parser.add_argument("--conditions", nargs="+", choices=("quiet", "busy"), default=["quiet", "busy"])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--batch-repeats", type=int, default=2, help="each pair this many times in the batch")
     parser.add_argument("extra", nargs="*", help="extra eoir register options (after --)")
     args = parser.parse_args(argv)
     if not args.manifest.is_file():
@@ -139,14 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     env.pop("OMP_NUM_THREADS", None)  # measure eoir's own thread policy, not a wrapper's
     work = Path(tempfile.mkdtemp(prefix="eoir-bench-register-"))
     try:
-        conditions = [run_condition(pairs, labels, args.manifest, args.extra, c == "busy", work, env)
+        conditions = [run_condition(pairs, labels, args.batch_repeats, args.extra, c == "busy", work, env)
                       for c in args.conditions]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     from eoir_cli.bench import machine_info
 
     result = {"schema": "eoir-bench-register/1", "machine": machine_info(), "manifest": str(args.manifest),
-              "extra_args": args.extra, "labels": labels, "conditions": conditions, "summary": summarise(conditions)}
+              "extra_args": args.extra, "batch_repeats": args.batch_repeats, "labels": labels,
+              "conditions": conditions, "summary": summarise(conditions)}
     print(json.dumps(result["summary"], indent=1))
     if args.json:
         from eoir_cli.fileio import write_json_atomic

@@ -25,6 +25,8 @@ __all__ = ["PairOutcome", "read_pair_list", "register_pairs"]
 
 log = logging.getLogger(__name__)
 
+MAX_WORKERS = 4  # pairs in flight at once on a CPU by default (each ~1.6 GB at 160×224×192)
+
 
 @dataclass
 class PairOutcome:
@@ -53,6 +55,7 @@ def register_pairs(
     device: str = "auto",
     precision: str = "fp32",
     progress: Callable[[int, int, PairOutcome], None] | None = None,
+    workers: int | None = None,
     **options: Any,
 ) -> list[PairOutcome]:
     """Register many pairs with one loaded model, into ``out_dir/<pair label>/``.
@@ -63,10 +66,15 @@ def register_pairs(
     ``summary.csv`` is written to ``out_dir``.
     With ``lumir=True`` each ``disp_<fixed>_<moving>.nii.gz`` is also placed in ``out_dir`` itself
     (the flat layout a LUMIR submission expects, as a hard link: the field is written once).
-    The next pair is read and the previous one written on two I/O threads while a pair is computed.
+    With one worker the next pair is read and the previous one written on two I/O threads while a
+    pair is computed. With several (CPU), that many pairs are registered at once, each on one
+    PyTorch thread: most stages are chains of small kernels that a second thread speeds up by
+    ~15 %, so two pairs side by side on 2 cores finish in ~2/3 of the time of two in a row.
 
     Args:
         pairs: from :func:`read_pair_list`.
+        workers: pairs registered at once (None: one per PyTorch thread up to :data:`MAX_WORKERS`
+            on a CPU, 1 on a GPU).
         options: forwarded to :func:`eoir_cli.pipeline.register` (``affine``, ``refine``, ``lumir``, ...).
     """
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -83,6 +91,13 @@ def register_pairs(
     # fails the whole batch (one line), not every pair in turn.
     todo = [overwrite or not (out / p.label / DONE_MARKER).is_file() for p in pairs]
     net = open_backend(model, backend, device, precision) if any(todo) else None
+    if workers is not None and workers < 1:
+        raise EoirError(f"workers: expected >= 1, got {workers}")
+    if workers is None:
+        import torch
+
+        gpu = net is not None and str(getattr(net, "device", "cpu")).startswith("cuda")
+        workers = 1 if gpu else max(1, min(torch.get_num_threads(), MAX_WORKERS))
     outcomes: list[PairOutcome] = []
     errors = (EoirError, ValueError, OSError, RuntimeError)
 
@@ -103,11 +118,77 @@ def register_pairs(
                 load_volume(pair.fixed.seg, "label", "fixed-seg") if pair.fixed.seg else None)
 
     def write(result: Any, pair: PairRecord) -> PairOutcome:
-        paths = result.write()
+        return finished(result.write(), result, pair)
+
+    def finished(paths: dict[str, Path], result: Any, pair: PairRecord) -> PairOutcome:
         if options.get("lumir"):
             lumir_name = f"disp_{pair.fixed.id}_{pair.moving.id}.nii.gz"
             copy_atomic(paths[lumir_name], out / lumir_name)  # a hard link: the field is stored once
         return _outcome_from_metrics(pair.label, "done", result.metrics)
+
+    def skipped(pair: PairRecord) -> PairOutcome:
+        try:
+            metrics = json.loads((out / pair.label / DONE_MARKER).read_text())
+        except (json.JSONDecodeError, OSError):
+            return PairOutcome(pair.label, "skipped")
+        return _outcome_from_metrics(pair.label, "skipped", metrics)
+
+    def side_by_side() -> None:
+        """``workers`` pairs in flight, each on one PyTorch thread (the last ones share the threads
+        the finished ones had: PyTorch's thread count is one per process). Ctrl-C (or an interrupt inside a
+        pair) stops every pair in flight at its next stage boundary: their staging folders are
+        removed, finished pairs are kept, and KeyboardInterrupt is raised."""
+        import threading
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        import torch
+
+        from eoir_cli.threads import torch_threads
+
+        threads = torch.get_num_threads()
+        stop = threading.Event()
+
+        def stop_here(stage: str, seconds: float) -> None:  # register calls it after every stage
+            if stop.is_set():
+                raise KeyboardInterrupt
+
+        def one(pair: PairRecord) -> PairOutcome:
+            fixed, moving, mseg, fseg = load(pair)
+            result = register(fixed, moving, out / pair.label, model=net, moving_seg=mseg, fixed_seg=fseg,
+                              progress=stop_here, **options)
+            return finished(result.paths, result, pair)
+
+        for n, pair in enumerate(pairs):
+            if not todo[n]:
+                report(len(outcomes), skipped(pair))
+        with torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="eoir-pair") as pool:
+            running: dict[Future[PairOutcome], PairRecord] = {}
+            for n, pair in enumerate(pairs):
+                if todo[n]:
+                    clean_stale_staging(out / pair.label)
+                    running[pool.submit(one, pair)] = pair
+            try:
+                while running:
+                    for future in wait(running, return_when=FIRST_COMPLETED)[0]:
+                        pair = running.pop(future)
+                        try:
+                            outcome = future.result()
+                        except errors as err:
+                            outcome = failed(pair.label, err)
+                        report(len(outcomes), outcome)
+                    if 0 < len(running) < workers:  # the last pairs: give them the threads the others had
+                        torch.set_num_threads(max(1, threads // len(running)))
+            except BaseException:  # Ctrl-C here, or KeyboardInterrupt from a pair: stop the others
+                stop.set()
+                for future in running:
+                    future.cancel()
+                raise
+
+    if workers > 1 and sum(todo) > 1:
+        side_by_side()
+        order = {p.label: n for n, p in enumerate(pairs)}
+        write_summary(out / "summary.csv", sorted(outcomes, key=lambda o: order[o.name]))
+        return outcomes
 
     # Reading the next pair and writing the previous one run on two I/O threads while this thread
     # computes (gzip (de)compression releases the GIL); one write is in flight at a time.
@@ -136,12 +217,7 @@ def register_pairs(
             clean_stale_staging(pair_dir)
             if not todo[n]:
                 finish_pending()
-                try:
-                    outcome = _outcome_from_metrics(pair.label, "skipped",
-                                                    json.loads((pair_dir / DONE_MARKER).read_text()))
-                except (json.JSONDecodeError, OSError):
-                    outcome = PairOutcome(pair.label, "skipped")
-                report(n, outcome)
+                report(n, skipped(pair))
                 continue
             try:
                 fixed, moving, mseg, fseg = (loads.pop(n) if n in loads else loader.submit(load, pair)).result()

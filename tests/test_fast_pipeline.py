@@ -239,6 +239,61 @@ def test_ctrl_c_in_a_batch_keeps_finished_pairs_and_resumes(cli_pair: dict[str, 
     assert "a,skipped" in summary and "b,done" in summary
 
 
+def _batch_csv(cli_pair: dict[str, Path], path: Path, names: str = "abc") -> Path:
+    rows = [(cli_pair["fixed"], cli_pair["moving"]), (cli_pair["moving"], cli_pair["fixed"])]
+    path.write_text("fixed,moving,name\n" + "".join(f"{rows[k % 2][0]},{rows[k % 2][1]},{name}\n"
+                                                     for k, name in enumerate(names)))
+    return path
+
+
+def test_pairs_side_by_side_give_the_pairs_one_at_a_time(cli_pair: dict[str, Path], tmp_path: Path) -> None:
+    pairs = _batch_csv(cli_pair, tmp_path / "pairs.csv")
+    common = ["register", "--pairs", str(pairs), "--model", str(cli_pair["model"]), "--spacing", "4", "--refine", "1",
+              "--no-hd95", "--threads", "2"]
+    one = runner.invoke(app, [*common, "-o", str(tmp_path / "one"), "--workers", "1"])
+    two = runner.invoke(app, [*common, "-o", str(tmp_path / "two"), "--workers", "2"])
+    assert one.exit_code == 0 and two.exit_code == 0, one.output + two.output
+    for name in "abc":
+        a = nib.load(str(tmp_path / "one" / name / "disp.nii.gz")).get_fdata()
+        b = nib.load(str(tmp_path / "two" / name / "disp.nii.gz")).get_fdata()
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3)  # 2 threads vs 1: float rounding only
+    rows = (tmp_path / "two" / "summary.csv").read_text().splitlines()
+    assert [r.split(",")[:2] for r in rows[1:]] == [["a", "done"], ["b", "done"], ["c", "done"]]  # input order
+
+
+def test_ctrl_c_stops_every_pair_in_flight_and_the_batch_resumes(cli_pair: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import eoir_cli.composition as composition
+
+    real = composition.compose_to_native
+
+    def interrupted_for_b(fixed, *args: object, **kwargs: object):  # noqa: ANN001, ANN202
+        if fixed.path is not None and fixed.path == cli_pair["moving"]:  # pair b (fixed and moving swapped)
+            raise KeyboardInterrupt
+        return real(fixed, *args, **kwargs)
+
+    monkeypatch.setattr(composition, "compose_to_native", interrupted_for_b)
+    pairs = _batch_csv(cli_pair, tmp_path / "pairs.csv", "ab")
+    out = tmp_path / "batch"
+    args = ["register", "--pairs", str(pairs), "-o", str(out), "--model", str(cli_pair["model"]), "--spacing", "4",
+            "--refine", "0", "--workers", "2"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert not (out / "b" / "metrics.json").exists()
+    leftovers = [p for p in out.rglob(".eoir-partial-*")]
+    assert leftovers == []  # every pair in flight removed its staging folder
+    monkeypatch.setattr(composition, "compose_to_native", real)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert all((out / name / "metrics.json").is_file() for name in "ab")
+
+
+def test_workers_need_a_batch(cli_pair: dict[str, Path], tmp_path: Path) -> None:
+    result = _cli(cli_pair, tmp_path / "out", "--workers", "2")
+    assert result.exit_code == 1 and "--workers applies to a batch" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------------- composition, refine
 
 

@@ -84,6 +84,8 @@ def register_command(
                                          "(all but the inverse) or none (metrics.json always).")] = "default",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: $EOIR_THREADS, else "
                                                 "$OMP_NUM_THREADS, else one per core this process may use).")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Batch: pairs registered at once, each on one thread "
+                                                "(default: one per thread up to 4 on a CPU, 1 on a GPU).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results already in -o (one pair), or "
                                             "register the finished pairs of a batch again (else skipped).")]
     = False,
@@ -104,13 +106,15 @@ def register_command(
                    window=parse_window(window),
                    hd95=not no_hd95, labels=parse_labels(labels), fit_grid=fit_grid, allow_mismatch=allow_mismatch,
                    inverse=inverse, outputs=chosen, overwrite=overwrite)
+    if workers is not None and pairs is None:
+        raise fail("--workers applies to a batch (--pairs FILE)")
     if pairs is not None:
         if fixed is not None or moving is not None:
             raise fail("give either FIXED MOVING or --pairs, not both")
         if moving_seg is not None or fixed_seg is not None:
             raise fail("--moving-seg/--fixed-seg apply to one pair; put them in the pairs.csv columns instead")
         try:
-            _run_batch(pairs, out, model, backend.value, device.value, precision.value, options)
+            _run_batch(pairs, out, model, backend.value, device.value, precision.value, options, workers)
         except KeyboardInterrupt:
             raise _interrupted(f"finished pairs in {out}/ are kept (each has its metrics.json), the pair in "
                                "progress left nothing; run the same command to resume") from None
@@ -147,7 +151,7 @@ def _interrupted(what: str) -> typer.Exit:
 
 
 def _run_batch(pairs_file: Path, out: Path, model: str, backend: str, device: str, precision: str,
-               options: dict) -> None:
+               options: dict, workers: int | None = None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
@@ -166,7 +170,7 @@ def _run_batch(pairs_file: Path, out: Path, model: str, backend: str, device: st
                                                          f"{getattr(outcome, 'status', '')}")
 
         outcomes = register_pairs(jobs, out, model=model, backend=backend, device=device, precision=precision,
-                                  progress=progress, **options)
+                                  progress=progress, workers=workers, **options)
     table = Table(title=f"eoir register: {len(outcomes)} pairs -> {out}")
     for col in ("pair", "status", "seconds", "Dice before", "Dice after", "NDV %"):
         table.add_column(col, justify="left" if col in ("pair", "status") else "right")
