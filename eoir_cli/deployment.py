@@ -104,7 +104,7 @@ class Normalization:
 
 
 def normalize(data: np.ndarray, spec: Normalization | str | Mapping[str, Any] = "percentile",
-              reference: np.ndarray | None = None) -> np.ndarray:
+              reference: np.ndarray | None = None, bounds: tuple[float, float] | None = None) -> np.ndarray:
     """Map raw intensities to [0, 1] float32 by ``spec`` (the one normalisation of train, test, register, export).
 
     Args:
@@ -112,12 +112,13 @@ def normalize(data: np.ndarray, spec: Normalization | str | Mapping[str, Any] = 
         spec: a :class:`Normalization`, its dict, or an alias (``u8``, ``ct``, ``minmax``, ``percentile``).
         reference: take the image-dependent bounds (percentiles, min/max) from this array instead
             (e.g. a warped image shown with its source image's contrast).
+        bounds: the raw values that map to 0 and 1, when already known (:func:`intensity_bounds`).
 
     Returns:
         float32 array of ``data``'s shape in [0, 1].
     """
     spec = Normalization.parse(spec)
-    lo, hi = intensity_bounds(data if reference is None else reference, spec)
+    lo, hi = bounds if bounds is not None else intensity_bounds(data if reference is None else reference, spec)
     out = (np.asarray(data, dtype=np.float32) - lo) / max(hi - lo, 1e-12)
     return np.clip(out, 0.0, 1.0, out=out)
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from eoir_cli.config import LUMIR_SHAPE, PIPELINE
-from eoir_cli.deployment import Deployment, Normalization, assumed_deployment, normalize
+from eoir_cli.deployment import Deployment, Normalization, assumed_deployment, intensity_bounds, normalize
 from eoir_cli.errors import EoirError
 from eoir_cli.io import Volume, check_same_grid, load_volume
 from eoir_cli.outputs import (
@@ -284,7 +284,8 @@ def register(
 
     with timer("preprocess"):
         fixed01 = normalize(fixed_v.data, norm)
-        moving01 = normalize(moving_v.data, norm)
+        moving_bounds = intensity_bounds(moving_v.data, norm)  # also the contrast of the warped image in qc.png
+        moving01 = normalize(moving_v.data, norm, bounds=moving_bounds)
         warnings: list[str] = []
         if lumir:
             grid = NetworkGrid(shape=fixed_v.shape, affine=fixed_v.affine.copy())
@@ -398,7 +399,7 @@ def register(
                 if shown_window:
                     fixed_shown, warped_shown = (apply_window(v, shown_window) for v in (fixed_v.data, native.warped))
                 else:  # the moving image's contrast
-                    fixed_shown, warped_shown = fixed01, normalize(native.warped, norm, reference=moving_v.data)
+                    fixed_shown, warped_shown = fixed01, normalize(native.warped, norm, bounds=moving_bounds)
                 notes = [f"NDV {field_stats['ndv_percent']:.4f} %",
                          f"det J <= 0: {field_stats['jac_nonpos_percent']:.4f} %",
                          f"network grid {'x'.join(map(str, grid.shape))} at {float(np.mean(grid.spacing)):g} mm"]

@@ -75,13 +75,16 @@ def configure_threads(threads: int | None = None) -> int:
 
 MMAP_THRESHOLD = 2**30  # bytes: below this, glibc serves allocations from its heap (default: from 128 KiB)
 TRIM_THRESHOLD = 2**31 - 1  # bytes of free heap top kept before glibc returns memory to the kernel
+ARENA_MAX = 1  # one malloc arena for every thread: a thread's own arena maps each large block afresh
 
 
 def retain_freed_memory() -> bool:
     """Make glibc reuse freed large blocks instead of unmapping them (a CLI process setting).
 
     Measured on ``eoir register`` at 160×224×192 (2 cores): ~0.65 s of ~8.5 s saved, the page
-    faults of each new full-size array. The process keeps its peak memory until it exits, which is
+    faults of each new full-size array. One arena for all threads (glibc's other arenas hold at most
+    64 MB and map anything larger afresh): a batch with two workers went from 27.1 to 23.5 s for 6
+    pairs, kernel time 11.6 -> 3.9 s. The process keeps its peak memory until it exits, which is
     what a one-registration (or one-batch) process wants; a library caller decides for itself.
     Returns False where there is no glibc ``mallopt`` (macOS, musl), and changes nothing there.
     """
@@ -91,9 +94,9 @@ def retain_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, ctypes.c_int(MMAP_THRESHOLD))) and \
-        bool(mallopt(m_trim_threshold, ctypes.c_int(TRIM_THRESHOLD)))
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    return all(bool(mallopt(option, ctypes.c_int(value))) for option, value in (
+        (m_mmap_threshold, MMAP_THRESHOLD), (m_trim_threshold, TRIM_THRESHOLD), (m_arena_max, ARENA_MAX)))
 
 
 def num_threads() -> int:

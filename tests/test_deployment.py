@@ -21,6 +21,7 @@ from eoir_cli.deployment import (
     assumed_deployment,
     deployment_of,
     image_modality,
+    intensity_bounds,
     normalize,
     preset_deployment,
 )
@@ -48,6 +49,10 @@ def test_normalize_golden_values_per_kind() -> None:
     assert out[50] == pytest.approx(0.5) and out[0] == 0 and out[100] == 1
     # reference: the bounds come from another image (a warped image in its source's contrast)
     np.testing.assert_allclose(normalize(np.array([5.0]), "minmax", reference=np.array([0.0, 10.0])), [0.5])
+    # bounds computed once serve both: the same numbers as reference=
+    spec = Normalization("percentile", 25, 75)
+    np.testing.assert_array_equal(normalize(x, spec, bounds=intensity_bounds(ramp, spec)),
+                                  normalize(x, spec, reference=ramp))
 
 
 def test_normalization_specs_reject_bad_values() -> None:
