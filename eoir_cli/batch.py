@@ -187,7 +187,8 @@ def register_pairs(
     if workers > 1 and sum(todo) > 1:
         side_by_side()
         order = {p.label: n for n, p in enumerate(pairs)}
-        write_summary(out / "summary.csv", sorted(outcomes, key=lambda o: order[o.name]))
+        outcomes.sort(key=lambda o: order[o.name])  # reported as they finished, returned in the list's order
+        write_summary(out / "summary.csv", outcomes)
         return outcomes
 
     # Reading the next pair and writing the previous one run on two I/O threads while this thread

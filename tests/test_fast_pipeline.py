@@ -288,6 +288,24 @@ def test_ctrl_c_stops_every_pair_in_flight_and_the_batch_resumes(cli_pair: dict[
     assert all((out / name / "metrics.json").is_file() for name in "ab")
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_failing_pair_is_reported_and_the_others_finish(cli_pair: dict[str, Path], tmp_path: Path,
+                                                           workers: str) -> None:
+    bad = tmp_path / "corrupt.nii.gz"
+    bad.write_bytes(b"not a NIfTI file")  # exists (the list is checked for that up front), fails when read
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"fixed,moving,name\n{cli_pair['fixed']},{cli_pair['moving']},a\n"
+                     f"{cli_pair['fixed']},{bad},b\n{cli_pair['moving']},{cli_pair['fixed']},c\n")
+    out = tmp_path / "batch"
+    result = runner.invoke(app, ["register", "--pairs", str(pairs), "-o", str(out), "--model", str(cli_pair["model"]),
+                                 "--spacing", "4", "--refine", "0", "--workers", workers])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("error: 1 of 3 pairs failed")
+    rows = [r.split(",") for r in (out / "summary.csv").read_text().splitlines()[1:]]
+    assert [r[:2] for r in rows] == [["a", "done"], ["b", "failed"], ["c", "done"]]
+    assert "corrupt.nii.gz" in rows[1][-1] and not (out / "b").exists()
+
+
 def test_workers_need_a_batch(cli_pair: dict[str, Path], tmp_path: Path) -> None:
     result = _cli(cli_pair, tmp_path / "out", "--workers", "2")
     assert result.exit_code == 1 and "--workers applies to a batch" in result.output
