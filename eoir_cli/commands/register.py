@@ -116,7 +116,7 @@ def register_command(
         try:
             _run_batch(pairs, out, model, backend.value, device.value, precision.value, options, workers)
         except KeyboardInterrupt:
-            raise _interrupted(f"finished pairs in {out}/ are kept (each has its metrics.json), the pair in "
+            raise _interrupted(f"finished pairs in {out}/ are kept (each has its metrics.json), the pairs in "
                                "progress left nothing; run the same command to resume") from None
         return
     if fixed is None or moving is None:
