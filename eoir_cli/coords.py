@@ -82,16 +82,44 @@ def normalized_scale(size: Sequence[int], device: Any = None) -> Any:
     return torch.tensor([2.0 / max(n - 1, 1) for n in tuple(size)[::-1]], dtype=torch.float32, device=device)
 
 
+MIN_SPLIT_VOXELS = 32_768  # output voxels below which a grid sample is not worth splitting across threads
+
+
+def grid_sample(volume: Any, grid: Any, mode: str = "bilinear", padding: str = "zeros") -> Any:
+    """``F.grid_sample(..., align_corners=True)`` with a CPU volume's output spread over PyTorch's threads.
+
+    PyTorch's CPU 3-D grid sampler parallelises over the batch only, so one volume is sampled on one
+    thread however many there are. Here a single volume's output grid is cut along its first axis
+    into as many equal slabs as there are threads (a divisor of that axis), run as a batch against
+    the same volume (``expand``: no copy of it): the same numbers, ~2x faster on 2 cores (forward
+    and backward at 80×112×96). GPUs, batches, small grids and traced/exported graphs take the
+    plain call.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    depth = grid.shape[1]
+    threads = torch.get_num_threads()
+    if (threads > 1 and grid.shape[0] == 1 and volume.shape[0] == 1 and grid.device.type == "cpu"
+            and grid[0, ..., 0].numel() >= MIN_SPLIT_VOXELS and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()):
+        parts = next(k for k in range(min(threads, depth), 0, -1) if depth % k == 0)
+        if parts > 1:
+            slabs = grid.reshape(parts, depth // parts, *grid.shape[2:])
+            out = F.grid_sample(volume.expand(parts, -1, -1, -1, -1), slabs, mode=mode, padding_mode=padding,
+                                align_corners=True)
+            return out.transpose(0, 1).reshape(1, out.shape[1], depth, *grid.shape[2:4])
+    return F.grid_sample(volume, grid, mode=mode, padding_mode=padding, align_corners=True)
+
+
 def sample_at(volume: Any, index: Any, mode: str = "bilinear", padding: str = "zeros") -> Any:
     """Sample ``volume`` ``(1, C, D, H, W)`` at continuous voxel indices ``(3, d, h, w)``.
 
     Trilinear (``bilinear``) or ``nearest``; ``padding`` is ``"zeros"`` or ``"border"`` (outside
     points take the nearest border value). Returns ``(C, d, h, w)`` in the volume's dtype.
     """
-    import torch.nn.functional as F
-
     grid = index_to_normalized(index, volume.shape[2:])[None].to(volume.dtype)
-    return F.grid_sample(volume, grid, mode=mode, padding_mode=padding, align_corners=True)[0]
+    return grid_sample(volume, grid, mode, padding)[0]
 
 
 def apply_affine(matrix: np.ndarray, points: Any) -> Any:

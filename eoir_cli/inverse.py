@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from eoir_cli.coords import identity_grid, index_to_normalized, spatial_gradient
+from eoir_cli.coords import grid_sample, identity_grid, index_to_normalized, spatial_gradient
 from eoir_cli.spatial import compose, integrate, resize_disp
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,7 @@ def sample_border(field: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
     nearest border value is used.
     """
     grid = index_to_normalized(loc, field.shape[2:]).to(field.dtype)
-    return F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return grid_sample(field, grid, "bilinear", "border")
 
 
 def inverse_residual(disp: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -228,7 +227,7 @@ def invert_at(disp: torch.Tensor, inverse: torch.Tensor, gradient: torch.Tensor,
     w = sample_border(inverse, points)
     f = w + sample_border(disp, points + w)
     grid = index_to_normalized(points, gradient.shape[2:]).to(gradient.dtype)
-    jac = F.grid_sample(gradient, grid, mode="nearest", padding_mode="border", align_corners=True)
+    jac = grid_sample(gradient, grid, "nearest", "border")
     return w - _jacobian_step(jac, f)
 
 

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from eoir_cli.coords import identity_grid, index_to_normalized, normalized_scale
+from eoir_cli.coords import grid_sample, identity_grid, index_to_normalized, normalized_scale
 from eoir_cli.coords import jacobian_determinant as jacobian_determinant  # re-exported: part of the spatial API
 from eoir_cli.coords import spatial_gradient as spatial_gradient  # re-exported: part of the spatial API
 from eoir_cli.errors import InputError
@@ -102,7 +102,7 @@ def sample_torch_cached(image: torch.Tensor, disp: torch.Tensor, mode: str = "bi
     # Coordinates stay float32 (bf16 would misplace samples by up to a voxel at index ~200); under
     # autocast grid_sample runs in float32 anyway, so a reduced-precision image is upcast, not the grid cast down.
     image = image if image.dtype == grid.dtype else image.float()
-    return F.grid_sample(image, grid, mode=mode, padding_mode="zeros", align_corners=True)
+    return grid_sample(image, grid, mode, "zeros")
 
 
 def _axis_corners(

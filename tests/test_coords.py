@@ -104,3 +104,32 @@ def test_run_pair_and_predict_disp_give_the_same_field_for_an_odd_size() -> None
     disp = run_pair(net, moving[0, 0].numpy(), fixed[0, 0].numpy())
     assert disp.shape == (3, 10, 9, 8)
     np.testing.assert_allclose(disp, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize(("depth", "threads"), [(40, 2), (39, 2), (42, 3), (40, 1)])
+@pytest.mark.parametrize(("mode", "padding"), [("bilinear", "zeros"), ("bilinear", "border"), ("nearest", "border")])
+def test_grid_sample_split_over_threads_equals_one_call(depth: int, threads: int, mode: str, padding: str) -> None:
+    """The slab-split sampler gives F.grid_sample's numbers and gradients exactly (odd depths fall back)."""
+    import torch.nn.functional as F
+
+    from eoir_cli.coords import MIN_SPLIT_VOXELS, grid_sample
+
+    gen = torch.Generator().manual_seed(depth * threads)
+    volume = torch.randn(1, 3, 20, 24, 18, generator=gen).requires_grad_(True)
+    grid = (torch.rand(1, depth, 32, 28, 3, generator=gen) * 2.4 - 1.2).requires_grad_(True)  # some outside
+    assert grid[0, ..., 0].numel() >= MIN_SPLIT_VOXELS
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = grid_sample(volume, grid, mode, padding)
+        ours.pow(2).sum().backward()
+        grads = [volume.grad.clone(), grid.grad.clone()]
+        volume.grad = grid.grad = None
+        ref = F.grid_sample(volume, grid, mode=mode, padding_mode=padding, align_corners=True)
+        ref.pow(2).sum().backward()
+    finally:
+        torch.set_num_threads(before)
+    assert ours.shape == ref.shape == (1, 3, depth, 32, 28)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], volume.grad, rtol=1e-5, atol=1e-5)  # summed over slabs: float order
+    torch.testing.assert_close(grads[1], grid.grad, rtol=0, atol=0)
