@@ -169,9 +169,9 @@ def inverse_from_forward(forward: Field, target: Volume) -> Field:
     d_ras = np.moveaxis(forward.disp_lps, -1, 0).astype(np.float32) * RAS_TO_LPS.astype(np.float32)[:, None, None, None]
     u = np.ascontiguousarray(np.einsum("ij,j...->i...", to_index, d_ras))
     inversion = invert_disp(torch.from_numpy(u)[None])
-    fixed = Volume(data=np.zeros(forward.shape, np.float32), affine=forward.affine, header=forward.header, path=None)
-    maps = compose_inverse_to_native(fixed, target, NetworkGrid(shape=forward.shape, affine=forward.affine), u,
-                                     inversion.inverse[0].numpy(), np.eye(4))
+    grid = Volume(data=np.empty((0, 0, 0), np.float32), affine=forward.affine, header=forward.header, path=None)
+    maps = compose_inverse_to_native(grid, target, NetworkGrid(shape=forward.shape, affine=forward.affine), u,
+                                     inversion.inverse[0].numpy(), np.eye(4), warp_fixed=False)
     return Field(maps.warp_itk, target.affine.copy(), target.header, forward.path.parent / INVERSE_FIELD)
 
 

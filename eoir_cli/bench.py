@@ -218,28 +218,21 @@ def _rss_mb() -> float | None:
     return _proc_status_mb("VmRSS")
 
 
-def _peak_rss_mb() -> float | None:
-    """Peak resident memory of this process image (VmHWM).
+def _high_water_mb(*samples: float | None) -> float | None:
+    """Peak resident memory of this process image (VmHWM), never below the current resident size
+    or a size sampled earlier in this process (``samples``).
 
-    Not ``ru_maxrss``: Linux carries that over fork and exec, so a spawned child would report at
+    The kernel folds per-thread RSS counters into ``VmHWM`` lazily, so a read of it can trail a
+    ``VmRSS`` read taken moments before (seen on CI: 802.72 < 802.84 MB). Not ``ru_maxrss`` (the
+    fallback off Linux): Linux carries that over fork and exec, so a spawned child would report at
     least its parent's size.
     """
     peak = _proc_status_mb("VmHWM")
-    if peak is not None:
-        return peak
-    import resource
+    if peak is None:
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _high_water_mb(*samples: float | None) -> float | None:
-    """The high-water mark, never below a resident size sampled earlier in this process.
-
-    The kernel folds per-thread RSS counters into ``VmHWM`` lazily, so a read of it can trail a
-    ``VmRSS`` read taken moments before (seen on CI: 802.72 < 802.84 MB).
-    """
-    known = [x for x in (_peak_rss_mb(), _rss_mb(), *samples) if x is not None]
-    return max(known) if known else None
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return max(x for x in (peak, _rss_mb(), *samples) if x is not None)
 
 
 def measure(spec: BenchSpec, model_path: str) -> dict[str, Any]:

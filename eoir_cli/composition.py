@@ -147,17 +147,18 @@ class InverseMaps:
         disp: ``(D', H', W', 3)`` float32 voxels, ``i - j``: the fixed voxel index each moving voxel
             samples minus the moving voxel index (``disp.nii.gz``'s convention, on the moving grid).
         warp_itk: ``(D', H', W', 3)`` float32 LPS mm, ``LPS(p) - LPS(q)``.
-        warped: ``(D', H', W')`` float32 fixed intensities (raw) at ``i`` (zeros outside the fixed volume).
+        warped: ``(D', H', W')`` float32 fixed intensities (raw) at ``i`` (zeros outside the fixed volume),
+            or None when not asked for.
     """
 
     disp: np.ndarray
     warp_itk: np.ndarray
-    warped: np.ndarray
+    warped: np.ndarray | None
 
 
 def compose_inverse_to_native(
     fixed: Volume, moving: Volume, grid: NetworkGrid, network_disp: np.ndarray, inverse_disp: np.ndarray,
-    transform: np.ndarray, slab: int = 16,
+    transform: np.ndarray, slab: int = 16, warp_fixed: bool = True,
 ) -> InverseMaps:
     """The inverse chain, from every moving native voxel ``j`` back to a fixed native voxel ``i``.
 
@@ -175,6 +176,7 @@ def compose_inverse_to_native(
         inverse_disp: ``(3, d, h, w)`` its inverse on the network grid (:func:`eoir_cli.inverse.invert_disp`).
         transform: ``(4, 4)`` the affine pre-alignment ``T``, fixed RAS mm -> moving RAS mm.
         slab: planes of the moving grid processed at once along axis 0.
+        warp_fixed: also resample the fixed image onto the moving grid (``warped``).
     """
     import torch
 
@@ -186,9 +188,9 @@ def compose_inverse_to_native(
     u = torch.from_numpy(np.ascontiguousarray(network_disp, np.float32))[None]
     w = torch.from_numpy(np.ascontiguousarray(inverse_disp, np.float32))[None]
     w_grad = inverse_gradient(w)
-    fix = torch.from_numpy(np.ascontiguousarray(fixed.data, np.float32))[None, None]
+    fix = torch.from_numpy(np.ascontiguousarray(fixed.data, np.float32))[None, None] if warp_fixed else None
     out = InverseMaps(disp=np.empty(shape + (3,), np.float32), warp_itk=np.empty(shape + (3,), np.float32),
-                      warped=np.empty(shape, np.float32))
+                      warped=np.empty(shape, np.float32) if warp_fixed else None)
     for start in range(0, shape[0], slab):
         stop = min(start + slab, shape[0])
         jdx = identity_grid((stop - start, shape[1], shape[2]))[0]
@@ -199,5 +201,6 @@ def compose_inverse_to_native(
         out.disp[start:stop] = (i - jdx).permute(1, 2, 3, 0).numpy()
         out.warp_itk[start:stop] = ras_to_lps(apply_affine(fixed.affine, i) - apply_affine(moving.affine, jdx)) \
             .permute(1, 2, 3, 0).numpy()
-        out.warped[start:stop] = sample_at(fix, i, "bilinear", "zeros")[0].numpy()
+        if out.warped is not None:
+            out.warped[start:stop] = sample_at(fix, i, "bilinear", "zeros")[0].numpy()
     return out

@@ -101,7 +101,7 @@ def grid_sample(volume: Any, grid: Any, mode: str = "bilinear", padding: str = "
     depth = grid.shape[1]
     threads = torch.get_num_threads()
     if (threads > 1 and grid.shape[0] == 1 and volume.shape[0] == 1 and grid.device.type == "cpu"
-            and grid[0, ..., 0].numel() >= MIN_SPLIT_VOXELS and not torch.jit.is_tracing()
+            and grid.numel() // 3 >= MIN_SPLIT_VOXELS and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()):
         parts = next(k for k in range(min(threads, depth), 0, -1) if depth % k == 0)
         if parts > 1:

@@ -105,8 +105,9 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     (``slow_conv3d``), e.g. 8 -> 8 channels at 40×56×48 (the bundled model's finest level): 43 ms
     there against 3.7 ms through oneDNN on this machine's 2 cores; the numbers agree to fp32 rounding.
     """
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.enabled
-            and torch.backends.mkldnn.is_available() and not x.requires_grad and not weight.requires_grad):
+            and torch.backends.mkldnn.is_available() and not needs_grad):
         return torch.mkldnn_convolution(x, weight, bias, list(padding), list(stride), list(dilation), groups)
     return F.conv3d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
 

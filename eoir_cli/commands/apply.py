@@ -72,10 +72,13 @@ def apply_command(
     if not is_nifti_path(out):
         raise fail(f"-o {out}: expected a .nii or .nii.gz image")
     mode = "label" if labels else interp.value
-    if inverse and transform.inverse is None and (reference is not None or transform.moving_image() is not None):
-        console.print("computing the inverse from the forward field (the registration was saved without "
-                      "--inverse) ...", highlight=False)
-    warped = apply_to_image(transform, image, inverse=inverse, interp=mode, reference=reference)
+    target = reference
+    if inverse and transform.inverse is None:
+        target = reference or transform.moving_image()  # metrics.json read once, here
+        if target is not None:
+            console.print("computing the inverse from the forward field (the registration was saved without "
+                          "--inverse) ...", highlight=False)
+    warped = apply_to_image(transform, image, inverse=inverse, interp=mode, reference=target)
     save_volume(out, warped.data, warped.affine, _scalar_header(warped.header), warped.data.dtype)
     console.print(f"[green]wrote[/] {out} ({'x'.join(map(str, warped.shape))}, {mode})", highlight=False)
 
