@@ -379,3 +379,13 @@ def test_ants_reads_both_fields_and_moves_points_the_documented_way(folder: Path
                                             [str(folder / "warp_itk.nii.gz")])
     np.testing.assert_allclose(moved[["x", "y", "z"]].to_numpy() * RAS_TO_LPS, map_points(folder, p, inverse=True),
                                rtol=0, atol=1e-3)
+
+
+def test_a_missing_reference_is_one_line_before_any_work(forward_only: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copy(forward_only / "warp_itk.nii.gz", tmp_path / "warp_itk.nii.gz")
+    result = runner.invoke(app, ["apply", str(tmp_path), str(forward_only / "fixed.nii.gz"), "-o",
+                                 str(tmp_path / "x.nii.gz"), "--inverse", "--reference", str(tmp_path / "nope.nii.gz")])
+    assert result.exit_code == 1 and "no such file" in result.output
+    assert "computing the inverse" not in result.output and not (tmp_path / "x.nii.gz").exists()

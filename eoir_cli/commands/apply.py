@@ -65,7 +65,7 @@ def apply_command(
         write_text_atomic(out, text)
         console.print(f"[green]mapped[/] {text.count(chr(10)) - 1} points -> {out}", highlight=False)
         return
-    from eoir_cli.io import is_nifti_path, save_volume
+    from eoir_cli.io import is_nifti_path, load_volume, save_volume
 
     if image is None:
         raise fail("expected IMAGE (or --points CSV); see eoir apply --help")
@@ -76,6 +76,7 @@ def apply_command(
     if inverse and transform.inverse is None:
         target = reference or transform.moving_image()  # metrics.json read once, here
         if target is not None:
+            target = load_volume(target, what="reference")  # a bad --reference fails before the message
             console.print("computing the inverse from the forward field (the registration was saved without "
                           "--inverse) ...", highlight=False)
     warped = apply_to_image(transform, image, inverse=inverse, interp=mode, reference=target)
