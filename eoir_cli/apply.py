@@ -156,12 +156,14 @@ def inverse_from_forward(forward: Field, target: Volume) -> Field:
     The forward map in fixed voxel indices, ``i -> i + u(i)`` with ``u = A_fixed⁻¹ · d`` (affine part
     included), is inverted by Newton's method coarse to fine (:func:`eoir_cli.inverse.invert_disp`)
     and every target voxel is mapped back with one more Newton step at its own position
-    (:func:`eoir_cli.composition.compose_inverse_to_native`): the chain ``eoir register --inverse``
-    runs, with the fixed grid in the role of the network grid and no separate affine.
+    (:func:`eoir_cli.composition.compose_inverse_to_native`), then fitted between target voxels to
+    every fixed voxel's image (:func:`eoir_cli.inverse.fit_inverse`): the chain ``eoir register
+    --inverse`` runs, with the fixed grid in the role of the network grid and no separate affine.
     """
     import torch
 
     from eoir_cli.composition import compose_inverse_to_native
+    from eoir_cli.coords import identity_grid
     from eoir_cli.inverse import invert_disp
     from eoir_cli.preprocess import NetworkGrid
 
@@ -169,9 +171,14 @@ def inverse_from_forward(forward: Field, target: Volume) -> Field:
     d_ras = np.moveaxis(forward.disp_lps, -1, 0).astype(np.float32) * RAS_TO_LPS.astype(np.float32)[:, None, None, None]
     u = np.ascontiguousarray(np.einsum("ij,j...->i...", to_index, d_ras))
     inversion = invert_disp(torch.from_numpy(u)[None])
+    # The forward map in the fit's terms: fixed index i -> target index A_target⁻¹ · A_fixed · (i + u(i)).
+    index = identity_grid(forward.shape)[0]
+    reach = apply_affine(np.linalg.inv(target.affine) @ forward.affine, index + torch.from_numpy(u)) - index
+    ahead = np.ascontiguousarray(reach.permute(1, 2, 3, 0).numpy())
+    del index, reach
     grid = Volume(data=np.empty((0, 0, 0), np.float32), affine=forward.affine, header=forward.header, path=None)
     maps = compose_inverse_to_native(grid, target, NetworkGrid(shape=forward.shape, affine=forward.affine), u,
-                                     inversion.inverse[0].numpy(), np.eye(4), warp_fixed=False)
+                                     inversion.inverse[0].numpy(), np.eye(4), warp_fixed=False, forward=ahead)
     return Field(maps.warp_itk, target.affine.copy(), target.header, forward.path.parent / INVERSE_FIELD)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from eoir_cli.coords import apply_affine, identity_grid, ras_to_lps, sample_at
+from eoir_cli.coords import RAS_TO_LPS, apply_affine, identity_grid, ras_to_lps, sample_at
 from eoir_cli.io import Volume
 from eoir_cli.preprocess import NetworkGrid
 
@@ -158,7 +158,8 @@ class InverseMaps:
 
 def compose_inverse_to_native(
     fixed: Volume, moving: Volume, grid: NetworkGrid, network_disp: np.ndarray, inverse_disp: np.ndarray,
-    transform: np.ndarray, slab: int = 16, warp_fixed: bool = True,
+    transform: np.ndarray, slab: int = 16, warp_fixed: bool = True, forward: np.ndarray | None = None,
+    fit_mask: np.ndarray | None = None, fit_iterations: int = 1,
 ) -> InverseMaps:
     """The inverse chain, from every moving native voxel ``j`` back to a fixed native voxel ``i``.
 
@@ -166,7 +167,10 @@ def compose_inverse_to_native(
     ``w`` inverts the network (+ refine) displacement ``u``: ``y = x + u(x)``. ``w(y)`` is the
     inverse on the network grid interpolated at ``y`` and polished there by one Newton step
     (:func:`eoir_cli.inverse.invert_at`), so the chain is exact to ~0.01 voxels at every moving voxel,
-    not only where ``y`` falls on a network voxel.
+    not only where ``y`` falls on a network voxel. With ``forward`` (the forward map on the fixed
+    grid) the result is then fitted to be right *between* moving voxels too, where a user's trilinear
+    interpolation of it is exact to nothing (:func:`eoir_cli.inverse.fit_inverse`), and the ITK
+    field and the fixed image on the moving grid follow the fitted field.
 
     Args:
         fixed: the fixed volume (raw intensities are warped onto the moving grid).
@@ -177,10 +181,15 @@ def compose_inverse_to_native(
         transform: ``(4, 4)`` the affine pre-alignment ``T``, fixed RAS mm -> moving RAS mm.
         slab: planes of the moving grid processed at once along axis 0.
         warp_fixed: also resample the fixed image onto the moving grid (``warped``).
+        forward: ``(D, H, W, 3)`` fixed-grid voxels, ``disp.nii.gz`` (moving index minus fixed index), or
+            None for no fit.
+        fit_mask: ``(D, H, W)`` bool, the fixed voxels the fit uses (None: all), e.g. the foreground:
+            a quarter of the samples on a brain, the same fit where the tissue is.
+        fit_iterations: :func:`eoir_cli.inverse.fit_inverse` steps (0: Newton's field as it is).
     """
     import torch
 
-    from eoir_cli.inverse import inverse_gradient, invert_at
+    from eoir_cli.inverse import fit_inverse, inverse_gradient, invert_at
 
     shape = moving.shape
     to_net = np.linalg.inv(grid.affine) @ np.linalg.inv(transform) @ moving.affine
@@ -188,19 +197,57 @@ def compose_inverse_to_native(
     u = torch.from_numpy(np.ascontiguousarray(network_disp, np.float32))[None]
     w = torch.from_numpy(np.ascontiguousarray(inverse_disp, np.float32))[None]
     w_grad = inverse_gradient(w)
-    fix = torch.from_numpy(np.ascontiguousarray(fixed.data, np.float32))[None, None] if warp_fixed else None
-    out = InverseMaps(disp=np.empty(shape + (3,), np.float32), warp_itk=np.empty(shape + (3,), np.float32),
-                      warped=np.empty(shape, np.float32) if warp_fixed else None)
+    disp = torch.empty((3,) + tuple(shape), dtype=torch.float32)  # i - j, channel first until the end
     for start in range(0, shape[0], slab):
         stop = min(start + slab, shape[0])
         jdx = identity_grid((stop - start, shape[1], shape[2]))[0]
         jdx[0] += start
         y = apply_affine(to_net, jdx)
-        x = y + invert_at(u, w, w_grad, y[None])[0]
-        i = apply_affine(net_to_fixed, x)
-        out.disp[start:stop] = (i - jdx).permute(1, 2, 3, 0).numpy()
-        out.warp_itk[start:stop] = ras_to_lps(apply_affine(fixed.affine, i) - apply_affine(moving.affine, jdx)) \
-            .permute(1, 2, 3, 0).numpy()
+        y += invert_at(u, w, w_grad, y[None])[0]
+        disp[:, start:stop] = apply_affine(net_to_fixed, y).sub_(jdx)
+    del u, w, w_grad
+    if forward is not None and fit_iterations > 0:
+        at, value = _inverse_samples(forward, fit_mask)
+        disp = fit_inverse(disp[None], at, value, fit_iterations)[0]
+        del at, value
+    # warp_itk = LPS(A_fixed · i) - LPS(A_moving · j), with i = j + disp: linear in (j, disp).
+    lps = np.diag(np.append(RAS_TO_LPS, 1.0))
+    of_disp = lps @ fixed.affine
+    of_disp[:3, 3] = 0.0  # a vector: no translation
+    of_index = lps @ (fixed.affine - moving.affine)
+    fix = torch.from_numpy(np.ascontiguousarray(fixed.data, np.float32))[None, None] if warp_fixed else None
+    out = InverseMaps(disp=np.ascontiguousarray(disp.permute(1, 2, 3, 0).numpy()),
+                      warp_itk=np.empty(shape + (3,), np.float32),
+                      warped=np.empty(shape, np.float32) if warp_fixed else None)
+    for start in range(0, shape[0], slab):
+        stop = min(start + slab, shape[0])
+        jdx = identity_grid((stop - start, shape[1], shape[2]))[0]
+        jdx[0] += start
+        part = disp[:, start:stop]
+        itk = apply_affine(of_index, jdx)
+        itk += apply_affine(of_disp, part)
+        out.warp_itk[start:stop] = itk.permute(1, 2, 3, 0).numpy()
         if out.warped is not None:
-            out.warped[start:stop] = sample_at(fix, i, "bilinear", "zeros")[0].numpy()
+            out.warped[start:stop] = sample_at(fix, jdx.add_(part), "bilinear", "zeros")[0].numpy()
     return out
+
+
+def _inverse_samples(forward: np.ndarray, mask: np.ndarray | None) -> tuple[Any, Any]:
+    """Samples of the inverse from a forward map ``(D, H, W, 3)``: positions ``j = x + forward(x)`` and
+    values ``x - j = -forward(x)`` for the voxels ``x`` in ``mask``, each ``(1, 3, P, 1, 1)``.
+
+    ``P`` is made even (one more sample at the last position) so that a 2-thread grid sampler can
+    split them in halves (:func:`eoir_cli.coords.grid_sample`).
+    """
+    import torch
+
+    if mask is None:
+        mask = np.ones(forward.shape[:3], bool)
+    index = np.nonzero(mask)
+    value = forward[index]  # (P, 3)
+    at = np.stack(index, 1).astype(np.float32) + value
+    if len(at) % 2:
+        at, value = np.concatenate([at, at[-1:]]), np.concatenate([value, value[-1:]])
+    shape = (1, 3, len(at), 1, 1)
+    return (torch.from_numpy(np.ascontiguousarray(at.T)).reshape(shape),
+            torch.from_numpy(np.ascontiguousarray(-value.T)).reshape(shape))

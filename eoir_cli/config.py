@@ -251,10 +251,11 @@ class PipelineDefaults:
 
     Refinement runs coarse to fine: 30 Adam steps at a quarter of the network grid (each ~1/8 the
     cost of a half-resolution step), then 2 at half resolution, NCC window 5; the search integrates
-    with 2 squaring steps and the answer with 4. On the labelled sample brains with the bundled
-    network this reaches mean Dice 0.722 in 2.2 s (4 squarings in the search: 0.723 in 3.3 s);
+    with 2 squaring steps and the answer with 4; its updates pass through a Gaussian of 1 voxel
+    (issue 13: the same Dice, half the inverse's round-trip error). On the labelled sample brains
+    with the bundled network this reaches mean Dice 0.723 in ~2 s;
     ``benchmarks/bench_default_pipeline.py --refine 2 --coarse 30`` re-measures it. The inverse
-    transform is an output chosen with ``--inverse`` (not a default: ~2.5 s per LUMIR-grid pair).
+    transform is an output chosen with ``--inverse`` (not a default: ~2 s per LUMIR-grid pair).
     """
 
     affine: bool = True
@@ -265,6 +266,8 @@ class PipelineDefaults:
     refine_int_steps: int = 4
     refine_search_int_steps: int = 2
     refine_coarse: int = 30  # steps at a quarter of the network grid before the ``refine`` steps at half
+    refine_sigma: float = 1.0  # Gaussian (voxels) on the refinement's updates: Dice kept, inverse round trip halved
+    inverse_fit: int = 1  # least-squares steps fitting the inverse between voxels (eoir_cli.inverse.fit_inverse)
 
 
 PIPELINE = PipelineDefaults()

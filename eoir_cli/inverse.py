@@ -231,6 +231,69 @@ def invert_at(disp: torch.Tensor, inverse: torch.Tensor, gradient: torch.Tensor,
     return w - _jacobian_step(jac, f)
 
 
+def fit_inverse(inverse: torch.Tensor, at: torch.Tensor, value: torch.Tensor, iterations: int = 1,
+                prior: float = 1.0) -> torch.Tensor:
+    """The inverse as the trilinear field that best undoes the forward map between its nodes, not only at them.
+
+    Newton (:func:`invert_disp`, :func:`invert_at`) makes ``inverse`` exact at its own grid points;
+    between them a user's trilinear interpolation of it errs where the forward map compresses
+    (the inverse stretches and bends there). Every voxel ``x`` of the forward grid is a sample of
+    the inverse: it must send ``j = x + forward(x)`` back to ``x``, i.e. ``inverse(j) = -forward(x)``.
+    This fits the node values to such samples by least squares, a penalty ``prior`` (in samples)
+    holding each node to its Newton value where samples are few, with damped Jacobi steps
+    ``w <- w - (Sᵀ r + prior (w - w₀)) / (Sᵀ 1 + prior)`` (``S``: trilinear sampling at the ``j``,
+    ``Sᵀ`` its splat; the lumped diagonal makes every step a contraction).
+
+    Measured on the sample brains (README, "The inverse transform"): the round trip at random
+    points of both spaces (not the samples, not grid points) drops by ~40 % in both directions; the
+    error at the inverse's own grid points rises from ~0.004 to ~0.03 mm, the price of being right
+    between them.
+
+    Args:
+        inverse: ``(1, 3, D', H', W')`` voxels on the target grid: ``j -> j + inverse(j)`` indexes the
+            forward grid (Newton's answer: the start and the prior).
+        at: ``(1, 3, ...)`` the samples' positions ``j`` (target-grid indices, any layout).
+        value: ``(1, 3, ...)`` what ``inverse`` should be there, ``x - j`` (forward-grid index minus ``j``).
+        iterations: Jacobi steps (1 reaches ~95 % of the converged gain on the sample brains).
+        prior: weight of the Newton values, in samples per node.
+
+    Returns:
+        ``(1, 3, D', H', W')`` the fitted inverse (voxels). Nodes no sample reaches keep their value.
+    """
+    if inverse.dim() != 5 or inverse.shape[:2] != (1, 3) or at.shape != value.shape or at.shape[:2] != (1, 3):
+        raise ValueError(f"fit_inverse: expected an inverse (1, 3, D, H, W) and samples (1, 3, ...) of one shape, "
+                         f"got {tuple(inverse.shape)}, {tuple(at.shape)} and {tuple(value.shape)}")
+    if iterations <= 0 or at.numel() == 0:
+        return inverse
+    size = inverse.shape[2:]
+    with torch.no_grad():
+        hi = torch.tensor([s - 1 for s in size], dtype=at.dtype, device=at.device).view(1, 3, *([1] * (at.dim() - 2)))
+        inside = ((at >= 0) & (at <= hi)).all(1, keepdim=True).to(inverse.dtype)
+        grid = index_to_normalized(at, size).to(inverse.dtype)
+    start = inverse.detach()
+
+    def sample(nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``S nodes`` at the samples, with the graph whose backward is the splat ``Sᵀ``."""
+        nodes = nodes.detach().requires_grad_(True)
+        with torch.enable_grad():
+            return nodes, grid_sample(nodes, grid, "bilinear", "zeros")
+
+    # The first step also splats the samples' count (Sᵀ 1) as a fourth channel: one pass, not two.
+    nodes, sampled = sample(torch.cat([start, torch.zeros_like(start[:, :1])], 1))
+    residual = (sampled[:, :3].detach() - value) * inside
+    (both,) = torch.autograd.grad(sampled, nodes, torch.cat([residual, inside], 1))
+    weight = both[:, 3:] + prior
+    fitted = start - both[:, :3] / weight
+    del both, residual, sampled, nodes
+    for _ in range(iterations - 1):
+        nodes, sampled = sample(fitted)
+        residual = (sampled.detach() - value) * inside
+        (step,) = torch.autograd.grad(sampled, nodes, residual)
+        with torch.no_grad():
+            fitted = fitted - (step + prior * (fitted - start)) / weight
+    return fitted
+
+
 def invert_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     """``exp(v)⁻¹ = exp(-v)`` as a displacement in voxels (scaling and squaring, ``steps`` squarings)."""
     return integrate(-velocity, steps)

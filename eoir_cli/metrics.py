@@ -480,26 +480,38 @@ def landmarks_from_label_image(label: np.ndarray) -> dict[int, np.ndarray]:
     return {i: np.asarray(c, dtype=np.float64) for i, c in zip(ids, centres, strict=True)}
 
 
-def _round_trip_mm(there: np.ndarray, back: np.ndarray, start_affine: np.ndarray, mask: np.ndarray,
-                   stride: int) -> np.ndarray:
-    """``|A_start (x'' - x)|`` mm for grid voxels ``x`` in ``mask`` (every ``stride``-th per axis)."""
+def _sample_linear(field: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Trilinear, border-extended sample of ``(X, Y, Z, 3)`` at ``(n, 3)`` indices -> ``(n, 3)``."""
     from scipy import ndimage
 
-    sub = mask[::stride, ::stride, ::stride]
-    x = np.argwhere(sub).astype(np.float64) * stride
-    xi = x.astype(int)
-    y = x + there[xi[:, 0], xi[:, 1], xi[:, 2]]  # the other grid's index, exact at our grid points
+    return np.stack([ndimage.map_coordinates(field[..., c], index.T, order=1, mode="nearest") for c in range(3)], -1)
+
+
+def _round_trip_mm(there: np.ndarray, back: np.ndarray, start_affine: np.ndarray, mask: np.ndarray,
+                   stride: int, between: int = 0, seed: int = 0) -> np.ndarray:
+    """``|A_start (x'' - x)|`` mm for grid voxels ``x`` in ``mask`` (every ``stride``-th per axis), or with
+    ``between > 0`` for that many random points ``x`` in the voxels of ``mask`` (anywhere inside them)."""
+    if between:
+        rng = np.random.default_rng(seed)
+        voxels = np.argwhere(mask)[rng.integers(0, int(mask.sum()), between)]
+        x = np.clip(voxels + rng.random((between, 3)) - 0.5, 0, np.array(mask.shape) - 1)
+        y = x + _sample_linear(there, x)
+    else:
+        sub = mask[::stride, ::stride, ::stride]
+        x = np.argwhere(sub).astype(np.float64) * stride
+        xi = x.astype(int)
+        y = x + there[xi[:, 0], xi[:, 1], xi[:, 2]]  # the other grid's index, exact at our grid points
     hi = np.array(back.shape[:3], dtype=np.float64) - 1
     inside = np.all((y >= 0) & (y <= hi), axis=1)  # beyond the other grid its field is not defined
     y = y[inside]
-    step = np.stack([ndimage.map_coordinates(back[..., c], y.T, order=1, mode="nearest") for c in range(3)], -1)
-    error = (y + step - x[inside]) @ start_affine[:3, :3].T
+    error = (y + _sample_linear(back, y) - x[inside]) @ start_affine[:3, :3].T
     return np.linalg.norm(error, axis=1)
 
 
 def inverse_consistency(
     disp: np.ndarray, fixed_affine: np.ndarray, fixed_mask: np.ndarray,
     inverse_disp: np.ndarray, moving_affine: np.ndarray, moving_mask: np.ndarray, stride: int = 2,
+    between: int = 0,
 ) -> dict[str, dict[str, float]]:
     """How far a point lands from where it started after the transform and its inverse (mm).
 
@@ -517,6 +529,9 @@ def inverse_consistency(
         moving_affine: its index -> mm affine.
         moving_mask: ``(D', H', W')`` bool.
         stride: score every ``stride``-th voxel per axis (2: an eighth of them, the same statistics).
+        between: score that many random points inside the mask's voxels instead (both fields then
+            interpolated, as for any point a user maps): grid points alone favour the direction whose
+            first field is exact there.
 
     Returns:
         ``{direction: {"mean_mm", "p95_mm", "max_mm", "fraction_inside"}}``.
@@ -525,9 +540,9 @@ def inverse_consistency(
     for name, there, back, start, mask in (
             ("fixed_to_moving_to_fixed", disp, inverse_disp, fixed_affine, fixed_mask),
             ("moving_to_fixed_to_moving", inverse_disp, disp, moving_affine, moving_mask)):
-        err = _round_trip_mm(there, back.astype(np.float32, copy=False), start, mask, stride) \
+        err = _round_trip_mm(there, back.astype(np.float32, copy=False), start, mask, stride, between) \
             if mask.any() else np.zeros(0)
-        total = int(mask[::stride, ::stride, ::stride].sum())
+        total = between if between else int(mask[::stride, ::stride, ::stride].sum())
         out[name] = {
             "mean_mm": float(err.mean()) if err.size else float("nan"),
             "p95_mm": float(np.percentile(err, 95)) if err.size else float("nan"),

@@ -162,6 +162,8 @@ def register(
     refine_int_steps: int = PIPELINE.refine_int_steps,
     refine_coarse: int = PIPELINE.refine_coarse,
     refine_search_int_steps: int | None = PIPELINE.refine_search_int_steps,
+    refine_sigma: float = PIPELINE.refine_sigma,
+    inverse_fit: int = PIPELINE.inverse_fit,
     hd95: bool = True,
     qc: bool = True,
     labels: Sequence[int] | None = None,
@@ -209,6 +211,10 @@ def register(
             grids only, see :func:`eoir_cli.refine.refine`).
         refine_search_int_steps: squaring steps inside the refinement's optimisation (the result
             is integrated with ``refine_int_steps``; see :func:`eoir_cli.refine.refine`).
+        refine_sigma: Gaussian (voxels of each refinement level) through which the refinement's
+            updates pass (0 = none; see :func:`eoir_cli.refine.refine`).
+        inverse_fit: least-squares steps fitting the inverse between moving voxels (0 = Newton's
+            field, exact at the voxels only; see :func:`eoir_cli.inverse.fit_inverse`).
         hd95: compute HD95 (slower) when both label maps are given.
         labels: label values scored by Dice/HD95 (default: every non-zero label in either map;
             see :func:`eoir_cli.metrics.scored_labels`).
@@ -331,7 +337,7 @@ def register(
             refined = refine_fn(as_t(fixed_net[None]), as_t(moving_net[None]), as_t(network_disp), refine,
                                 lr=refine_lr, weight=refine_weight, scale=refine_scale, window=refine_window,
                                 int_steps=refine_int_steps, coarse_steps=refine_coarse,
-                                search_int_steps=refine_search_int_steps)
+                                search_int_steps=refine_search_int_steps, sigma=refine_sigma)
             network_disp = refined[0].cpu().numpy().astype(np.float32)
     with timer("compose"):
         from eoir_cli.composition import compose_to_native
@@ -352,7 +358,8 @@ def register(
 
             inversion = invert_disp(torch.from_numpy(network_disp)[None])
             inverse_maps = compose_inverse_to_native(fixed_v, moving_v, grid, network_disp,
-                                                     inversion.inverse[0].numpy(), transform)
+                                                     inversion.inverse[0].numpy(), transform, forward=native.disp,
+                                                     fit_mask=fixed01 > 0.05, fit_iterations=inverse_fit)
     result = RegistrationResult(
         warped=native.warped, disp=native.disp, warp_itk=native.warp_itk, jacobian=jacobian,
         warped_seg=native.warped_seg, affine=transform, network_disp=network_disp, grid=grid,
@@ -389,7 +396,7 @@ def register(
                 # Foreground as the network grid's planning sees it (preprocess.foreground_bbox: > 0.05).
                 consistency = metrics.inverse_consistency(native.disp, fixed_v.affine, fixed01 > 0.05,
                                                           inverse_maps.disp, moving_v.affine, moving01 > 0.05)
-                consistency["method"] = "newton"
+                consistency["method"] = "newton + least-squares fit between voxels" if inverse_fit else "newton"
                 consistency["iterations"] = inversion.iterations
         png = None
         if qc:
@@ -425,6 +432,7 @@ def register(
             "affine_ras": np.round(transform, 8).tolist(),
             "refine_steps": int(refine),
             "refine_coarse_steps": int(refine_coarse) if refine > 0 else 0,
+            "refine_sigma": float(refine_sigma) if refine > 0 else 0.0,
             "field": {**field_stats, "grid": "network grid: the whole transform (affine + network + refine) as a "
                                              "self-map of the network grid, interior voxels"},
         }

@@ -10,6 +10,7 @@ All displacements are in voxels of the network grid (convention of :mod:`eoir_cl
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -72,6 +73,7 @@ def refine(
     scale: float | None = None,
     coarse_steps: int = 0,
     search_int_steps: int | None = None,
+    sigma: float = 0.0,
 ) -> torch.Tensor:
     """Optimise the displacement of one pair on the network grid.
 
@@ -98,6 +100,12 @@ def refine(
             warp of the field forward and backward, most of a step's time; the answer is always
             ``exp(v)`` with ``int_steps`` squarings, so a cheaper search changes which ``v`` is found,
             not whether the result is diffeomorphic.
+        sigma: the optimised velocity of each level is ``v₀ + G_sigma * p`` (``v₀``: the level's start,
+            ``p``: the parameters Adam moves, ``G``: a Gaussian of ``sigma`` voxels of that level; 0 =
+            ``v`` itself). Adam's per-voxel steps otherwise carve sharp local compressions that the
+            similarity rewards little and that make the field steep between voxels: on the sample
+            brains ``sigma = 1`` keeps Dice (0.723 against 0.722) and halves the inverse's round-trip
+            error (README, "The inverse transform").
 
     Returns:
         ``(1, 3, D, H, W)`` float32 displacement in voxels of the network grid.
@@ -117,7 +125,7 @@ def refine(
     disp = disp.detach().float()
     if scale >= 1.0:
         velocity = velocity_from_disp(disp, int_steps, init_iterations)
-        velocity = _optimise(velocity, moving, fixed, steps, lr, weight, window, search)
+        velocity = _optimise(velocity, moving, fixed, steps, lr, weight, window, search, sigma)
         with torch.no_grad():
             return integrate(velocity, int_steps)
     fine = tuple(max(4, round(s * scale)) for s in size)
@@ -131,23 +139,34 @@ def refine(
         if tuple(velocity.shape[2:]) != shape:
             with torch.no_grad():
                 velocity = resize_disp(velocity, shape)
-        velocity = _optimise(velocity, source, target, n, lr, weight, window, search)
+        velocity = _optimise(velocity, source, target, n, lr, weight, window, search, sigma)
     with torch.no_grad():
         phi = integrate(velocity, int_steps)
-        return compose(disp, resize_disp(phi, size))
+        import os
+        up = resize_disp(phi, size)
+        fs = float(os.environ.get("EOIR_FULL_SIGMA", "0"))
+        if fs > 0:
+            up = gaussian_blur(up, fs)
+        return compose(disp, up)
 
 
 def _optimise(velocity: torch.Tensor, source: torch.Tensor, target: torch.Tensor, steps: int, lr: float,
-              weight: float, window: int, int_steps: int) -> torch.Tensor:
-    """``steps`` Adam steps on ``ncc(warp(source, exp(v)), target) + weight · smooth(v)``; returns ``v``."""
+              weight: float, window: int, int_steps: int, sigma: float = 0.0) -> torch.Tensor:
+    """``steps`` Adam steps on ``ncc(warp(source, exp(v)), target) + weight · smooth(v)``; returns ``v``.
+
+    With ``sigma > 0`` Adam moves ``p`` in ``v = v₀ + G_sigma * p`` (``p`` starts at 0), see :func:`refine`.
+    """
     from eoir_cli.losses import ncc_loss, smoothness_loss
     from eoir_cli.spatial import sample_torch_cached
 
-    velocity = velocity.detach().clone().requires_grad_(True)
-    opt = Adam([velocity], lr=lr)
+    base = velocity.detach()
+    param = torch.zeros_like(base) if sigma > 0 else base.clone()
+    param.requires_grad_(True)
+    opt = Adam([param], lr=lr)
     with torch.enable_grad():
         for step in range(steps):
             opt.zero_grad()
+            velocity = base + gaussian_blur(param, sigma) if sigma > 0 else param
             # The cached-grid sampler: the same warp with the identity grid built once per level
             # instead of once per warp (5 warps forward and backward per step).
             phi = integrate(velocity, int_steps, sampler=sample_torch_cached)
@@ -157,4 +176,35 @@ def _optimise(velocity: torch.Tensor, source: torch.Tensor, target: torch.Tensor
             opt.step()
             if step == 0 or step == steps - 1:
                 log.debug("refine %s step %d: ncc %.4f", tuple(velocity.shape[2:]), step, sim.item())
-    return velocity.detach()
+    with torch.no_grad():
+        return base + gaussian_blur(param, sigma) if sigma > 0 else param.detach()
+
+
+def gaussian_blur(field: torch.Tensor, sigma: float, truncate: float = 3.0) -> torch.Tensor:
+    """``field`` ``(N, C, D, H, W)`` blurred by a Gaussian of ``sigma`` voxels, borders replicated.
+
+    Each axis is one small matrix product (the 1-D kernel with the replicated border folded into
+    an ``n × n`` matrix): 3.5 ms forward and backward at 40×56×48×3 on 2 cores, against 12.5 ms for
+    the separable grouped convolution, whose backward is slow on a CPU.
+    """
+    if sigma <= 0:
+        return field
+    for axis in (2, 3, 4):
+        matrix = _blur_matrix(field.shape[axis], float(sigma), float(truncate)).to(field.device, field.dtype)
+        field = (field.transpose(axis, -1) @ matrix).transpose(axis, -1)
+    return field
+
+
+@functools.lru_cache(maxsize=32)
+def _blur_matrix(n: int, sigma: float, truncate: float) -> torch.Tensor:
+    """``(n, n)`` with ``(x @ M)[j] = Σ_k g(k) x[clamp(j + k)]``: the Gaussian with replicated borders."""
+    radius = max(1, int(truncate * sigma + 0.5))  # scipy.ndimage's truncation
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-taps * taps / (2 * sigma * sigma))
+    kernel /= kernel.sum()
+    out = torch.arange(n).view(1, n)  # the output position j
+    src = (out + taps.long().view(-1, 1)).clamp(0, n - 1)  # (taps, n) the input each tap reads
+    matrix = torch.zeros(n, n, dtype=torch.float64)
+    matrix.index_put_((src.reshape(-1), out.expand_as(src).reshape(-1)), kernel.view(-1, 1).expand_as(src).reshape(-1),
+                      accumulate=True)
+    return matrix.float()

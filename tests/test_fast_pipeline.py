@@ -367,6 +367,41 @@ def test_coarse_to_fine_refinement_improves_the_match(search_int_steps: int | No
         assert (disp - full).abs().max() > 1e-3
 
 
+def test_smoothed_updates_improve_the_match_with_a_smoother_field() -> None:
+    from eoir_cli.losses import ncc_loss, smoothness_loss
+    from eoir_cli.refine import refine
+    from eoir_cli.spatial import identity_grid, warp
+
+    torch.manual_seed(1)
+    grid = identity_grid((32, 40, 36))[0]
+    # Fine texture (noise) on blobs: per-voxel Adam steps chase the noise, smoothed updates cannot.
+    blobs = sum(torch.exp(-((grid - torch.rand(3, 1, 1, 1) * torch.tensor([32, 40, 36]).view(3, 1, 1, 1)) ** 2)
+                          .sum(0) / 20.0) for _ in range(12))
+    moving = (blobs / blobs.max() + 0.2 * torch.rand(32, 40, 36))[None, None]
+    d_true = torch.stack([2.0 * torch.sin(2 * math.pi * grid[(c + 1) % 3] / 32) for c in range(3)])[None]
+    fixed = warp(moving, d_true) + 0.1 * torch.rand(1, 1, 32, 40, 36)
+    start = -ncc_loss(moving, fixed, window=5).item()
+    kwargs = dict(steps=10, lr=0.5, weight=1.0, window=5, int_steps=4, scale=0.5, coarse_steps=10)
+    plain = refine(fixed, moving, None, sigma=0.0, **kwargs)
+    smooth = refine(fixed, moving, None, sigma=1.0, **kwargs)
+    assert -ncc_loss(warp(moving, smooth), fixed, window=5).item() > start + 0.05
+    assert smoothness_loss(smooth).item() < 0.8 * smoothness_loss(plain).item()
+
+
+@pytest.mark.parametrize("sigma", [0.7, 1.0, 1.5])
+def test_gaussian_blur_equals_scipy_with_replicated_borders(sigma: float) -> None:
+    from scipy import ndimage
+
+    from eoir_cli.refine import gaussian_blur
+
+    field = torch.rand(1, 2, 9, 12, 7, dtype=torch.float64).float()
+    got = gaussian_blur(field, sigma)
+    want = np.stack([ndimage.gaussian_filter(field[0, c].double().numpy(), sigma, mode="nearest", truncate=3.0)
+                     for c in range(2)])
+    np.testing.assert_allclose(got[0].numpy(), want, rtol=0, atol=1e-5)
+    assert gaussian_blur(field, 0.0) is field
+
+
 # ------------------------------------------------------------------------------------------------ threads
 
 

@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eoir_cli.config import ModelConfig
-from eoir_cli.inverse import inverse_residual, invert_disp, invert_pyramid, invert_velocity, sample_border
+from eoir_cli.inverse import (
+    fit_inverse,
+    inverse_residual,
+    invert_disp,
+    invert_pyramid,
+    invert_velocity,
+    sample_border,
+)
 from eoir_cli.model import EOIR
 from eoir_cli.spatial import identity_grid, integrate, jacobian_determinant, resize, spatial_gradient
 
@@ -115,3 +122,68 @@ def test_inverse_of_any_smooth_diffeomorphism_is_its_inverse(seed: int, amplitud
     # Newton stuck on a trilinear cell boundary), so the bound is on the mean and the 99th percentile.
     assert float(residual.mean()) < 0.005
     assert float(torch.quantile(residual.flatten(), 0.99)) < 0.02
+
+
+def _round_trips(disp: torch.Tensor, inverse: torch.Tensor, seed: int = 0, n: int = 20000) -> tuple[float, float]:
+    """Mean ``|g(f(x)) - x|`` and ``|f(g(y)) - y|`` at random points between voxels (both fields trilinear)."""
+    gen = torch.Generator().manual_seed(seed)
+    size = torch.tensor(disp.shape[2:], dtype=torch.float32).view(1, 3, 1, 1, 1)
+    pts = 4 + torch.rand(1, 3, n, 1, 1, generator=gen) * (size - 9)  # away from the border extension
+    there = pts + sample_border(disp, pts)
+    forth_back = (there + sample_border(inverse, there) - pts).norm(dim=1).mean()
+    back = pts + sample_border(inverse, pts)
+    back_forth = (back + sample_border(disp, back) - pts).norm(dim=1).mean()
+    return float(forth_back), float(back_forth)
+
+
+def _samples(disp: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Voxels ``x`` of ``disp``'s grid (those in ``keep``) as samples of the inverse: at ``x + disp(x)``,
+    value ``-disp(x)``, each ``(1, 3, P, 1, 1)``."""
+    at, value = identity_grid(disp.shape[2:]) + disp, -disp
+    chosen = torch.ones(disp.shape[2:], dtype=torch.bool) if keep is None else keep
+    return tuple(t[0][:, chosen].reshape(1, 3, -1, 1, 1) for t in (at, value))  # type: ignore[return-value]
+
+
+def test_fit_makes_the_inverse_right_between_voxels_both_ways() -> None:
+    size = (32, 32, 32)
+    disp = _compressive_field(size)
+    newton = invert_disp(disp, fine_iterations=4).inverse
+    fitted = fit_inverse(newton, *_samples(disp), iterations=2)
+    before, after = _round_trips(disp, newton), _round_trips(disp, fitted)
+    # Newton is exact at its grid points only; the fit is better at random points in both directions.
+    assert after[0] < 0.8 * before[0]
+    assert after[1] < 0.8 * before[1]
+    assert fitted.shape == newton.shape
+
+
+def test_fit_keeps_an_inverse_that_trilinear_interpolation_already_represents() -> None:
+    # An affine map's inverse is affine: Newton's field is exact everywhere, nothing to fit.
+    size = (20, 22, 24)
+    grid = identity_grid(size)
+    disp = torch.stack([0.1 * grid[:, 0] + 0.05 * grid[:, 1] - 1.0, -0.08 * grid[:, 1] + 0.5,
+                        0.06 * grid[:, 2] - 0.04 * grid[:, 0]], 1)
+    newton = invert_disp(disp, fine_iterations=4).inverse
+    fitted = fit_inverse(newton, *_samples(disp), iterations=3)
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+    torch.testing.assert_close(fitted[inner], newton[inner], rtol=0, atol=2e-3)
+
+
+def test_fit_leaves_nodes_no_sample_reaches() -> None:
+    size = (24, 24, 24)
+    disp = _compressive_field(size) * 0.3
+    newton = invert_disp(disp).inverse
+    keep = torch.zeros(size, dtype=torch.bool)
+    keep[..., :8] = True  # samples only from the first third along the last axis
+    fitted = fit_inverse(newton, *_samples(disp, keep))
+    reach = int((identity_grid(size) + disp)[0, 2][keep].max().ceil()) + 1
+    torch.testing.assert_close(fitted[..., reach:], newton[..., reach:], rtol=0, atol=0)
+    assert not torch.equal(fitted[..., :reach], newton[..., :reach])
+    assert fit_inverse(newton, *_samples(disp), iterations=0) is newton
+
+
+def test_fit_rejects_mismatched_samples() -> None:
+    inverse = torch.zeros(1, 3, 8, 8, 8)
+    with pytest.raises(ValueError, match="fit_inverse"):
+        fit_inverse(inverse, torch.zeros(1, 3, 5, 1, 1), torch.zeros(1, 3, 4, 1, 1))
+    with pytest.raises(ValueError, match="fit_inverse"):
+        fit_inverse(torch.zeros(1, 2, 8, 8, 8), torch.zeros(1, 3, 4, 1, 1), torch.zeros(1, 3, 4, 1, 1))

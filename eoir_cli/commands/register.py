@@ -61,6 +61,9 @@ def register_command(
     refine_coarse: Annotated[int, typer.Option(min=0, help="Refinement steps at a quarter of the network grid "
                                                "before the --refine steps at half (large grids).")]
     = PIPELINE.refine_coarse,
+    refine_sigma: Annotated[float, typer.Option(min=0.0, help="Gaussian (voxels of each refinement level) the "
+                                                "refinement's updates pass through; 0 = none.")]
+    = PIPELINE.refine_sigma,
     precision: Annotated[PrecisionChoice, typer.Option(help="PyTorch precision.")] = PrecisionChoice.fp32,
     lumir: Annotated[bool, typer.Option("--lumir", help="Inputs on the LUMIR grid; also write "
                                         "disp_<fixed>_<moving>.nii.gz.")] = False,
@@ -102,7 +105,8 @@ def register_command(
     configure_threads(threads)  # before torch loads: the OpenMP waiting policy is read once
     retain_freed_memory()
     chosen = parse_outputs(outputs)
-    options = dict(affine=affine, refine=refine, refine_coarse=refine_coarse, lumir=lumir, spacing=spacing,
+    options = dict(affine=affine, refine=refine, refine_coarse=refine_coarse, refine_sigma=refine_sigma, lumir=lumir,
+                   spacing=spacing,
                    window=parse_window(window),
                    hd95=not no_hd95, labels=parse_labels(labels), fit_grid=fit_grid, allow_mismatch=allow_mismatch,
                    inverse=inverse, outputs=chosen, overwrite=overwrite)
