@@ -12,6 +12,7 @@ from eoir_cli.metrics import (
     dice_per_label,
     field_metrics,
     hd95_per_label,
+    inverse_consistency,
     jacobian_nonpositive_percent,
     landmarks_from_label_image,
     mean_dice,
@@ -185,3 +186,21 @@ def test_hd95_in_the_bounding_box_equals_the_whole_volume_computation() -> None:
         expected.append(np.percentile(dist, 95))
     got = hd95_per_label(pred, target, [1], spacing=(2.0, 1.0, 1.5))[1]
     assert got == pytest.approx(max(expected), abs=1e-9)
+
+
+@pytest.mark.parametrize("between", [0, 5000])
+def test_inverse_consistency_goldens_at_and_between_voxels(between: int) -> None:
+    shape = (10, 12, 14)
+    fixed_affine = np.diag([2.0, 1.0, 1.5, 1.0])
+    moving_affine = fixed_affine.copy()
+    disp = np.zeros(shape + (3,), np.float32)
+    disp[..., 1] = 1.5  # fixed voxel i samples moving voxel i + (0, 1.5, 0): 1.5 mm along the second axis
+    mask = np.zeros(shape, bool)
+    mask[2:8, 2:8, 2:10] = True
+    exact = inverse_consistency(disp, fixed_affine, mask, -disp, moving_affine, mask, between=between)
+    wrong = inverse_consistency(disp, fixed_affine, mask, np.zeros_like(disp), moving_affine, mask,
+                                        between=between)
+    for direction in ("fixed_to_moving_to_fixed", "moving_to_fixed_to_moving"):
+        assert exact[direction]["max_mm"] < 1e-5
+        assert wrong[direction]["mean_mm"] == pytest.approx(1.5, abs=1e-5)  # off by the whole shift
+        assert exact[direction]["fraction_inside"] == 1.0
