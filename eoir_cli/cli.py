@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import logging
+import os
+import sys
+import threading
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -46,8 +50,49 @@ app.command("demo")(demo.demo_command)
 app.command("info")(info.info_command)
 
 
+# Commands whose process ends right after its work: they skip the interpreter's teardown (below).
+QUICK_EXIT = frozenset({"register", "apply", "demo"})
+
+
 def main() -> None:
-    app()
+    """The ``eoir`` entry point; ``register``, ``apply`` and ``demo`` end with :func:`quick_exit`."""
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    if command not in QUICK_EXIT:
+        app()
+        return
+    try:
+        app()
+    except SystemExit as done:
+        quick_exit(done.code)
+    quick_exit(0)
+
+
+def quick_exit(code: int | str | None) -> NoReturn:
+    """End the process without the interpreter's teardown, once everything it owes is done.
+
+    Tearing down a process that has loaded torch and held a few GB of volumes takes 0.5-0.8 s on
+    2 cores (measured on ``eoir register`` at 160×224×192: wall minus the stages' total went from
+    1.8-2.0 to 1.3 s), longer than some registration stages. Everything a normal exit would still do
+    for us is done first: threads that are not daemons (writers) are joined, logging and the standard
+    streams are flushed. Only for commands that start no processes (``QUICK_EXIT``): a child process
+    would miss its atexit clean-up.
+
+    Args:
+        code: ``SystemExit.code``: None or an int status, or a message (printed, status 1).
+    """
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(0 if code is None else int(code))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -142,3 +145,32 @@ def test_missing_optional_library_is_one_line_our_own_import_error_a_bug(monkeyp
     monkeypatch.setattr("eoir_cli.info.preset_table", _raise(ours))
     result = runner.invoke(app, ["info"])
     assert result.exit_code == 2 and "unexpected ImportError" in result.output
+
+
+def test_quick_exit_joins_writers_flushes_and_keeps_the_status(tmp_path: Path) -> None:
+    marker = tmp_path / "written.txt"
+    code = (
+        "import threading, time\n"
+        "from eoir_cli.cli import quick_exit\n"
+        f"def write():\n    time.sleep(0.3)\n    open({str(marker)!r}, 'w').write('done')\n"
+        "threading.Thread(target=write).start()\n"
+        "print('buffered line')\n"  # a pipe is block-buffered: lost unless flushed
+        "quick_exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3
+    assert done.stdout == "buffered line\n"
+    assert marker.read_text() == "done"  # the writer thread finished before the process ended
+    message = subprocess.run([sys.executable, "-c", "from eoir_cli.cli import quick_exit; quick_exit('bad input')"],
+                             capture_output=True, text=True, timeout=120)
+    assert (message.returncode, message.stderr) == (1, "bad input\n")
+
+
+def test_entry_point_keeps_the_error_line_and_status_with_the_quick_exit(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "eoir_cli.cli", "register", str(tmp_path / "missing.nii.gz"),
+                           str(tmp_path / "other.nii.gz"), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "missing.nii.gz" in lines[0], lines
+    assert not (tmp_path / "out").exists()
