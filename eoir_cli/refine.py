@@ -142,12 +142,7 @@ def refine(
         velocity = _optimise(velocity, source, target, n, lr, weight, window, search, sigma)
     with torch.no_grad():
         phi = integrate(velocity, int_steps)
-        import os
-        up = resize_disp(phi, size)
-        fs = float(os.environ.get("EOIR_FULL_SIGMA", "0"))
-        if fs > 0:
-            up = gaussian_blur(up, fs)
-        return compose(disp, up)
+        return compose(disp, resize_disp(phi, size))
 
 
 def _optimise(velocity: torch.Tensor, source: torch.Tensor, target: torch.Tensor, steps: int, lr: float,
@@ -166,7 +161,7 @@ def _optimise(velocity: torch.Tensor, source: torch.Tensor, target: torch.Tensor
     with torch.enable_grad():
         for step in range(steps):
             opt.zero_grad()
-            velocity = base + gaussian_blur(param, sigma) if sigma > 0 else param
+            velocity = (base + gaussian_blur(param, sigma)) if sigma > 0 else param
             # The cached-grid sampler: the same warp with the identity grid built once per level
             # instead of once per warp (5 warps forward and backward per step).
             phi = integrate(velocity, int_steps, sampler=sample_torch_cached)
@@ -177,7 +172,7 @@ def _optimise(velocity: torch.Tensor, source: torch.Tensor, target: torch.Tensor
             if step == 0 or step == steps - 1:
                 log.debug("refine %s step %d: ncc %.4f", tuple(velocity.shape[2:]), step, sim.item())
     with torch.no_grad():
-        return base + gaussian_blur(param, sigma) if sigma > 0 else param.detach()
+        return (base + gaussian_blur(param, sigma)) if sigma > 0 else param.detach()
 
 
 def gaussian_blur(field: torch.Tensor, sigma: float, truncate: float = 3.0) -> torch.Tensor:
