@@ -106,10 +106,9 @@ def register_command(
     retain_freed_memory()
     chosen = parse_outputs(outputs)
     options = dict(affine=affine, refine=refine, refine_coarse=refine_coarse, refine_sigma=refine_sigma, lumir=lumir,
-                   spacing=spacing,
-                   window=parse_window(window),
-                   hd95=not no_hd95, labels=parse_labels(labels), fit_grid=fit_grid, allow_mismatch=allow_mismatch,
-                   inverse=inverse, outputs=chosen, overwrite=overwrite)
+                   spacing=spacing, window=parse_window(window), hd95=not no_hd95, labels=parse_labels(labels),
+                   fit_grid=fit_grid, allow_mismatch=allow_mismatch, inverse=inverse, outputs=chosen,
+                   overwrite=overwrite)
     if workers is not None and pairs is None:
         raise fail("--workers applies to a batch (--pairs FILE)")
     if pairs is not None:
