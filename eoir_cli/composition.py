@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from eoir_cli.coords import RAS_TO_LPS, apply_affine, identity_grid, ras_to_lps, sample_at
+from eoir_cli.coords import apply_affine, identity_grid, ras_to_lps, sample_at
 from eoir_cli.io import Volume
 from eoir_cli.preprocess import NetworkGrid
 
@@ -210,11 +210,10 @@ def compose_inverse_to_native(
         at, value = _inverse_samples(forward, fit_mask)
         disp = fit_inverse(disp[None], at, value, fit_iterations)[0]
         del at, value
-    # warp_itk = LPS(A_fixed · i) - LPS(A_moving · j), with i = j + disp: linear in (j, disp).
-    lps = np.diag(np.append(RAS_TO_LPS, 1.0))
-    of_disp = lps @ fixed.affine
-    of_disp[:3, 3] = 0.0  # a vector: no translation
-    of_index = lps @ (fixed.affine - moving.affine)
+    # warp_itk = LPS(A_fixed · i - A_moving · j) with i = j + disp: (A_fixed - A_moving) · j + L_fixed · disp.
+    of_disp = fixed.affine.copy()
+    of_disp[:3, 3] = 0.0  # L_fixed: disp is a vector, no translation
+    of_index = fixed.affine - moving.affine
     fix = torch.from_numpy(np.ascontiguousarray(fixed.data, np.float32))[None, None] if warp_fixed else None
     out = InverseMaps(disp=np.ascontiguousarray(disp.permute(1, 2, 3, 0).numpy()),
                       warp_itk=np.empty(shape + (3,), np.float32),
@@ -226,7 +225,7 @@ def compose_inverse_to_native(
         part = disp[:, start:stop]
         itk = apply_affine(of_index, jdx)
         itk += apply_affine(of_disp, part)
-        out.warp_itk[start:stop] = itk.permute(1, 2, 3, 0).numpy()
+        out.warp_itk[start:stop] = ras_to_lps(itk).permute(1, 2, 3, 0).numpy()
         if out.warped is not None:
             out.warped[start:stop] = sample_at(fix, jdx.add_(part), "bilinear", "zeros")[0].numpy()
     return out
