@@ -9,6 +9,8 @@ linear function of the RAS position, which trilinear interpolation reproduces ex
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -389,3 +391,14 @@ def test_a_missing_reference_is_one_line_before_any_work(forward_only: Path, tmp
                                  str(tmp_path / "x.nii.gz"), "--inverse", "--reference", str(tmp_path / "nope.nii.gz")])
     assert result.exit_code == 1 and "no such file" in result.output
     assert "computing the inverse" not in result.output and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_entry_point_process_writes_the_whole_result_before_its_quick_exit(folder: Path, tmp_path: Path) -> None:
+    # `eoir apply` ends with os._exit (eoir_cli.cli.quick_exit): the file must be complete and the message out.
+    out = tmp_path / "w.nii.gz"
+    done = subprocess.run([sys.executable, "-m", "eoir_cli.cli", "apply", str(folder), str(folder / "moving.nii.gz"),
+                           "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert str(out) in done.stdout
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj),
+                                  apply_to_image(folder, folder / "moving.nii.gz").data)
