@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from eoir_cli.errors import EoirError, InputError
+from eoir_cli.losses import gaussian_blur
 from eoir_cli.spatial import integrate, resize, resize_disp, warp
 
 log = logging.getLogger(__name__)
@@ -173,28 +173,11 @@ def find_label_maps(root: Path, exclude: Sequence[str] = ()
     return maps, reals
 
 
-def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, int(math.ceil(2.5 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
 def blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(N, C, D, H, W)`` with ``sigma`` voxels (replicate borders)."""
+    """Separable Gaussian blur of ``(N, C, D, H, W)`` with ``sigma`` voxels (replicate borders, kernel to 2.5 sigma)."""
     if sigma <= 0.05:
         return image
-    k = _gaussian_kernel(sigma).to(image)
-    n, c = image.shape[:2]
-    out = image.reshape(n * c, 1, *image.shape[2:])
-    r = k.numel() // 2
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = k.numel()
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
-        out = F.conv3d(F.pad(out, pad, mode="replicate"), k.view(shape))
-    return out.reshape(n, c, *image.shape[2:])
+    return gaussian_blur(image, sigma, truncate=2.5)
 
 
 def _smooth_noise(shape: tuple[int, int, int], spacing: float, channels: int, gen: torch.Generator) -> torch.Tensor:
