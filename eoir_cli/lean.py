@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eoir_cli.spatial import Sampler, SamplerFn, get_sampler, resize, sample_torch_cached
+from eoir_cli.spatial import Sampler, SamplerFn, get_sampler, integrate, resize, sample_torch_cached
 
 # Slabs of at most this many bytes (float32) keep each normalisation pass inside the L2/L3 caches on a
 # CPU; on a GPU, where each slab is a kernel launch, they only bound the float32 temporary.
@@ -259,19 +259,11 @@ def forward_lean(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, dt
         features = [moving_features, ys[level]]
         xs[level] = ys[level] = moving_features = None  # type: ignore[call-overload]
         velocity = estimate_velocity(model.estimators[level], features)
-        disp = integrate_lean(velocity, config.int_steps, warp_fn)
+        disp = integrate(velocity, config.int_steps, warp_fn)
         del velocity
         if up is not None:
             disp.add_(warp_fn(up, disp, "bilinear"))  # compose(up, disp): up sampled along disp
         if level > 0:
             up = model._upsample(disp)
     assert disp is not None  # levels >= 1
-    return disp
-
-
-def integrate_lean(velocity: torch.Tensor, steps: int, sampler: SamplerFn) -> torch.Tensor:
-    """Scaling and squaring (see :func:`eoir_cli.spatial.integrate`) with in-place accumulation."""
-    disp = velocity * (1.0 / 2**steps)
-    for _ in range(steps):
-        disp.add_(sampler(disp, disp, "bilinear"))
     return disp

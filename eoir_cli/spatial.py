@@ -194,8 +194,11 @@ def integrate(velocity: torch.Tensor, steps: int = 7, sampler: Sampler = "torch"
         raise ValueError(f"steps: expected >= 0, got {steps}")
     disp = velocity * (1.0 / 2**steps)
     fn = get_sampler(sampler)
+    # Without a graph to record, each squaring accumulates in place: one full-size buffer fewer.
+    in_place = not (torch.is_grad_enabled() and disp.requires_grad)
     for _ in range(steps):
-        disp = disp + fn(disp, disp, "bilinear")
+        step = fn(disp, disp, "bilinear")
+        disp = disp.add_(step) if in_place else disp + step
     return disp
 
 
