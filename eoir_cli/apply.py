@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from eoir_cli.coords import RAS_TO_LPS, apply_affine, index_grid, sample_at
+from eoir_cli.coords import RAS_TO_LPS, apply_affine, index_grid, sample_at, sample_points
 from eoir_cli.errors import EoirError
 from eoir_cli.io import Volume, load_volume
 from eoir_cli.itk import load_itk_displacement
@@ -77,7 +77,7 @@ class Field:
     def map_points(self, points_ras: np.ndarray) -> np.ndarray:
         """``p + d(p)`` for ``(n, 3)`` RAS mm points (the field trilinear, border-extended)."""
         index = _to_index(self.affine, points_ras)
-        d = _sample_field(self.disp_lps, index) * RAS_TO_LPS
+        d = sample_points(self.disp_lps, index, np.float64) * RAS_TO_LPS
         return points_ras + d
 
 
@@ -186,16 +186,6 @@ def _to_index(affine: np.ndarray, points_ras: np.ndarray) -> np.ndarray:
     """``(..., 3)`` RAS mm -> continuous voxel indices of a grid (float64)."""
     inv = np.linalg.inv(affine)
     return points_ras @ inv[:3, :3].T + inv[:3, 3]
-
-
-def _sample_field(disp: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Trilinear, border-extended sample of ``(X, Y, Z, 3)`` at ``(n, 3)`` indices -> ``(n, 3)`` float64."""
-    from scipy import ndimage
-
-    hi = np.array(disp.shape[:3], dtype=np.float64) - 1
-    coords = np.clip(index, 0, hi).T
-    return np.stack([ndimage.map_coordinates(disp[..., c].astype(np.float64), coords, order=1, mode="nearest")
-                     for c in range(3)], axis=-1)
 
 
 def _sample_image(image: Any, index: Any, interp: str) -> Any:

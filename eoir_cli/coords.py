@@ -122,6 +122,20 @@ def sample_at(volume: Any, index: Any, mode: str = "bilinear", padding: str = "z
     return grid_sample(volume, grid, mode, padding)[0]
 
 
+def sample_points(field: np.ndarray, index: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """Trilinear sample of a channel-last ``(X, Y, Z, C)`` numpy field at ``(n, 3)`` continuous indices.
+
+    Beyond the grid the nearest border value is taken (the way fields are extended everywhere in
+    eoir). Computed channel by channel in ``dtype`` (default: the field's; float64 where points must
+    keep sub-micrometre precision). Returns ``(n, C)``.
+    """
+    from scipy import ndimage
+
+    coords = np.clip(index, 0, np.array(field.shape[:3], dtype=np.float64) - 1).T
+    return np.stack([ndimage.map_coordinates(field[..., c].astype(dtype or field.dtype, copy=False), coords, order=1,
+                                             mode="nearest") for c in range(field.shape[-1])], axis=-1)
+
+
 def apply_affine(matrix: np.ndarray, points: Any) -> Any:
     """Apply a 4×4 affine to a point set ``(3, ...)`` (torch tensor, computed in its dtype; or numpy)."""
     if isinstance(points, np.ndarray):

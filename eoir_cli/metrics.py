@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from eoir_cli.coords import sample_points
+
 # scipy.ndimage is imported inside the functions that use it (HD95, TRE, landmarks, round trips): ~0.2 s
 # of start-up that a registration without them does not pay.
 
@@ -480,13 +482,6 @@ def landmarks_from_label_image(label: np.ndarray) -> dict[int, np.ndarray]:
     return {i: np.asarray(c, dtype=np.float64) for i, c in zip(ids, centres, strict=True)}
 
 
-def _sample_linear(field: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Trilinear, border-extended sample of ``(X, Y, Z, 3)`` at ``(n, 3)`` indices -> ``(n, 3)``."""
-    from scipy import ndimage
-
-    return np.stack([ndimage.map_coordinates(field[..., c], index.T, order=1, mode="nearest") for c in range(3)], -1)
-
-
 def _round_trip_mm(there: np.ndarray, back: np.ndarray, start_affine: np.ndarray, mask: np.ndarray,
                    stride: int, between: int = 0, seed: int = 0) -> np.ndarray:
     """``|A_start (x'' - x)|`` mm for grid voxels ``x`` in ``mask`` (every ``stride``-th per axis), or with
@@ -495,7 +490,7 @@ def _round_trip_mm(there: np.ndarray, back: np.ndarray, start_affine: np.ndarray
         rng = np.random.default_rng(seed)
         voxels = np.argwhere(mask)[rng.integers(0, int(mask.sum()), between)]
         x = np.clip(voxels + rng.random((between, 3)) - 0.5, 0, np.array(mask.shape) - 1)
-        y = x + _sample_linear(there, x)
+        y = x + sample_points(there, x)
     else:
         sub = mask[::stride, ::stride, ::stride]
         x = np.argwhere(sub).astype(np.float64) * stride
@@ -504,7 +499,7 @@ def _round_trip_mm(there: np.ndarray, back: np.ndarray, start_affine: np.ndarray
     hi = np.array(back.shape[:3], dtype=np.float64) - 1
     inside = np.all((y >= 0) & (y <= hi), axis=1)  # beyond the other grid its field is not defined
     y = y[inside]
-    error = (y + _sample_linear(back, y) - x[inside]) @ start_affine[:3, :3].T
+    error = (y + sample_points(back, y) - x[inside]) @ start_affine[:3, :3].T
     return np.linalg.norm(error, axis=1)
 
 
