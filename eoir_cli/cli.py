@@ -50,16 +50,21 @@ app.command("demo")(demo.demo_command)
 app.command("info")(info.info_command)
 
 
-# Commands whose process ends right after its work: they skip the interpreter's teardown (below).
-QUICK_EXIT = frozenset({"register", "apply", "demo"})
+# Commands whose process does one registration-sized job and ends: the process keeps the memory it
+# frees (threads.retain_freed_memory) and skips the interpreter's teardown (quick_exit). Not train,
+# test or bench: they start processes, and a child would miss its atexit clean-up.
+ONE_SHOT = frozenset({"register", "apply", "demo"})
 
 
 def main() -> None:
-    """The ``eoir`` entry point; ``register``, ``apply`` and ``demo`` end with :func:`quick_exit`."""
+    """The ``eoir`` entry point; the :data:`ONE_SHOT` commands run with this process's settings for them."""
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
-    if command not in QUICK_EXIT:
+    if command not in ONE_SHOT:
         app()
         return
+    from eoir_cli.threads import retain_freed_memory
+
+    retain_freed_memory()
     try:
         app()
     except SystemExit as done:
@@ -74,8 +79,8 @@ def quick_exit(code: int | str | None) -> NoReturn:
     2 cores (measured on ``eoir register`` at 160×224×192: wall minus the stages' total went from
     1.8-2.0 to 1.3 s), longer than some registration stages. Everything a normal exit would still do
     for us is done first: threads that are not daemons (writers) are joined, logging and the standard
-    streams are flushed. Only for commands that start no processes (``QUICK_EXIT``): a child process
-    would miss its atexit clean-up.
+    streams are flushed. Only for commands that start no processes (:data:`ONE_SHOT`): a child
+    process would miss its atexit clean-up.
 
     Args:
         code: ``SystemExit.code``: None or an int status, or a message (printed, status 1).

@@ -8,9 +8,9 @@ thousands of small kernels (the affine fit, the refinement steps) slows 10x, not
 user chose a policy, and uses one thread per core it may run on. The measurement behind these
 defaults is in the README ("Speed on a busy CPU").
 
-The CLI also keeps freed memory for reuse (:func:`retain_freed_memory`): a registration creates
-and drops dozens of 27-82 MB arrays, and glibc hands each back to the kernel and faults every page
-of the next one in again.
+The one-shot CLI commands (``eoir_cli.cli.ONE_SHOT``) also keep freed memory for reuse
+(:func:`retain_freed_memory`): a registration creates and drops dozens of 27-82 MB arrays, and
+glibc hands each back to the kernel and faults every page of the next one in again.
 """
 
 from __future__ import annotations

@@ -51,9 +51,6 @@ def apply_command(
     if out.exists() and not overwrite:
         raise fail(f"{out} exists; choose another -o or pass --overwrite")
     from eoir_cli.apply import apply_to_image, apply_to_points, open_transform
-    from eoir_cli.threads import retain_freed_memory
-
-    retain_freed_memory()
 
     transform = open_transform(registration)
     if points is not None:

@@ -89,9 +89,6 @@ def demo_command(
 
     from eoir_cli.data.datasets import manifest_labels
     from eoir_cli.pipeline import register
-    from eoir_cli.threads import retain_freed_memory
-
-    retain_freed_memory()
     root = data_dir or default_data_dir()
     fixed, moving, fixed_seg, moving_seg = demo_inputs(pair, root)
     # The label rule of register and test: the data's manifest labels_eval.

@@ -81,7 +81,7 @@ def register_command(
                                                "non-zero label in either map).")] = None,
     inverse: Annotated[bool | None, typer.Option("--inverse/--no-inverse", help="Also write the inverse transform "
                                                  "(inverse_*.nii.gz on the moving grid) and its inverse "
-                                                 "consistency (off by default: ~2.5 s more per pair).")] = None,
+                                                 "consistency (off by default: ~2 s more per pair).")] = None,
     outputs: Annotated[str, typer.Option(help="Outputs to write, comma-separated: warped,disp,warp_itk,"
                                          "warped_seg,jacobian,inverse,qc; all (with the inverse), default "
                                          "(all but the inverse) or none (metrics.json always).")] = "default",
@@ -100,10 +100,9 @@ def register_command(
     Batch:   eoir register --pairs data/LUMIR_dataset.json -o out/ --lumir
     """
     from eoir_cli.outputs import parse_outputs
-    from eoir_cli.threads import configure_threads, retain_freed_memory
+    from eoir_cli.threads import configure_threads
 
     configure_threads(threads)  # before torch loads: the OpenMP waiting policy is read once
-    retain_freed_memory()
     chosen = parse_outputs(outputs)
     options = dict(affine=affine, refine=refine, refine_coarse=refine_coarse, refine_sigma=refine_sigma, lumir=lumir,
                    spacing=spacing, window=parse_window(window), hd95=not no_hd95, labels=parse_labels(labels),
