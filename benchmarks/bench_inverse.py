@@ -52,6 +52,7 @@ def pipeline(data: Path, variants: list[str]) -> list[dict[str, Any]]:
     from eoir_cli.deployment import normalize
     from eoir_cli.io import load_volume
     from eoir_cli.pipeline import register
+    from eoir_cli.preprocess import FOREGROUND
 
     pairs = _pairs(data)
     spec = json.loads((data / "SYNBRAIN_dataset.json").read_text())
@@ -66,8 +67,8 @@ def pipeline(data: Path, variants: list[str]) -> list[dict[str, Any]]:
             ic = result.metrics["inverse_consistency"]
             f_img, m_img = load_volume(fixed), load_volume(moving)
             # The same masks as metrics.json's, scored at random points between voxels.
-            between = metrics.inverse_consistency(result.disp, f_img.affine, normalize(f_img.data) > 0.05,
-                                                  result.inverse_disp, m_img.affine, normalize(m_img.data) > 0.05,
+            between = metrics.inverse_consistency(result.disp, f_img.affine, normalize(f_img.data) > FOREGROUND,
+                                                  result.inverse_disp, m_img.affine, normalize(m_img.data) > FOREGROUND,
                                                   between=200_000)
             forward_s = sum(t.get(k, 0.0) for k in FORWARD_STAGES)
             rows.append({"variant": variant, "pair": f"{fixed.name} <- {moving.name}",
@@ -93,7 +94,7 @@ def compare(data: Path) -> list[dict[str, Any]]:
     from eoir_cli.deployment import normalize
     from eoir_cli.inverse import inverse_residual, invert_disp, invert_pyramid
     from eoir_cli.io import load_volume
-    from eoir_cli.preprocess import resample_affine
+    from eoir_cli.preprocess import FOREGROUND, resample_affine
     from eoir_cli.spatial import resize, resize_disp
 
     model = load_model("default").eval()
@@ -110,7 +111,7 @@ def compare(data: Path) -> list[dict[str, Any]]:
             small = model.network_size(size)
             pyramid = model.forward_pyramid(resize(mt, size=small), resize(ft, size=small))
             disp = resize_disp(pyramid.disps[0], size)
-            brain = torch.from_numpy(f01 > 0.05)
+            brain = torch.from_numpy(f01 > FOREGROUND)
             row: dict[str, Any] = {"pair": f"{fixed_path.name} <- {moving_path.name}"}
             for name in ("velocities", "newton"):
                 start = time.perf_counter()

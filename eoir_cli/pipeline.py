@@ -38,6 +38,7 @@ from eoir_cli.outputs import (
     write_outputs,
 )
 from eoir_cli.preprocess import (
+    FOREGROUND,
     NetworkGrid,
     antialias_sigma,
     foreground_outside_grid,
@@ -350,16 +351,17 @@ def register(
         native = compose_to_native(fixed_v, moving_v, grid, network_disp, transform, moving_shown,
                                    mseg.data if mseg is not None else None)
         jacobian = physical_jacobian(native.disp, fixed_v.affine, moving_v.affine) if want_jacobian else None
-    inverse_maps = inversion = None
+    inverse_maps = inversion = fixed_fg = None
     if "inverse" in chosen:
         with timer("inverse"):
             from eoir_cli.composition import compose_inverse_to_native
             from eoir_cli.inverse import invert_disp
 
             inversion = invert_disp(torch.from_numpy(network_disp)[None])
+            fixed_fg = fixed01 > FOREGROUND  # the fit's samples, and where its consistency is scored
             inverse_maps = compose_inverse_to_native(fixed_v, moving_v, grid, network_disp,
                                                      inversion.inverse[0].numpy(), transform, forward=native.disp,
-                                                     fit_mask=fixed01 > 0.05, fit_iterations=inverse_fit)
+                                                     fit_mask=fixed_fg, fit_iterations=inverse_fit)
     result = RegistrationResult(
         warped=native.warped, disp=native.disp, warp_itk=native.warp_itk, jacobian=jacobian,
         warped_seg=native.warped_seg, affine=transform, network_disp=network_disp, grid=grid,
@@ -392,10 +394,10 @@ def register(
             seg_stats = (_seg_metrics(native.before_seg, native.warped_seg, fseg.data, mseg.data, fixed_v.spacing, hd95,
                                       labels)
                          if fseg is not None and mseg is not None and native.warped_seg is not None else None)
-            if inverse_maps is not None and inversion is not None:
-                # Foreground as the network grid's planning sees it (preprocess.foreground_bbox: > 0.05).
-                consistency = metrics.inverse_consistency(native.disp, fixed_v.affine, fixed01 > 0.05,
-                                                          inverse_maps.disp, moving_v.affine, moving01 > 0.05)
+            if inverse_maps is not None and inversion is not None and fixed_fg is not None:
+                # Foreground as the network grid's planning sees it (preprocess.FOREGROUND).
+                consistency = metrics.inverse_consistency(native.disp, fixed_v.affine, fixed_fg,
+                                                          inverse_maps.disp, moving_v.affine, moving01 > FOREGROUND)
                 consistency["method"] = "newton + least-squares fit between voxels" if inverse_fit else "newton"
                 consistency["iterations"] = inversion.iterations
         png = None

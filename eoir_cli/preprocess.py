@@ -60,7 +60,10 @@ def canonical_affine(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarr
     return affine @ to_canonical, tuple(shape_c)  # type: ignore[return-value]
 
 
-def foreground_bbox(data01: np.ndarray, threshold: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+FOREGROUND = 0.05  # normalised intensity above which a voxel is foreground (grid planning, the inverse's fit)
+
+
+def foreground_bbox(data01: np.ndarray, threshold: float = FOREGROUND) -> tuple[np.ndarray, np.ndarray]:
     """Inclusive voxel bounding box ``(lo, hi)`` of ``data01 > threshold`` (the whole array if empty)."""
     mask = data01 > threshold
     if not mask.any():
