@@ -275,6 +275,10 @@ def register(
         refine = PIPELINE.refine
     if refine < 0:
         raise EoirError(f"refine: expected >= 0 steps, got {refine}")
+    if not 0 <= refine_sigma <= PIPELINE.refine_sigma_max:
+        raise EoirError(f"refine-sigma: expected 0 to {PIPELINE.refine_sigma_max:g} voxels, got {refine_sigma:g}")
+    if inverse_fit < 0:
+        raise EoirError(f"inverse_fit: expected >= 0 steps, got {inverse_fit}")
     with timer("model"):
         from eoir_cli.backends import open_backend
 

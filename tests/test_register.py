@@ -407,6 +407,7 @@ def _bad_files(tmp: Path, pair: dict[str, Path]) -> dict[str, tuple[list[str], s
         "unknown-suffix": ([f, m, "--model", str(tmp / "model.xyz")], "unknown model suffix"),
         "missing-engine": ([f, m, "--model", str(tmp / "nope.engine")], "engine"),
         "backend-mismatch": ([f, m, "--backend", "onnx"], "backend onnx: the model"),
+        "huge-sigma": ([f, m, "--refine-sigma", "1e6"], "refine-sigma: expected 0 to 8 voxels, got 1e+06"),
     }
 
 

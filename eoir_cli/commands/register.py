@@ -61,7 +61,7 @@ def register_command(
     refine_coarse: Annotated[int, typer.Option(min=0, help="Refinement steps at a quarter of the network grid "
                                                "before the --refine steps at half (large grids).")]
     = PIPELINE.refine_coarse,
-    refine_sigma: Annotated[float, typer.Option(min=0.0, help="Gaussian (voxels of each refinement level) the "
+    refine_sigma: Annotated[float, typer.Option(min=0.0, help="Gaussian (voxels of each refinement level, 0-8) the "
                                                 "refinement's updates pass through; 0 = none.")]
     = PIPELINE.refine_sigma,
     precision: Annotated[PrecisionChoice, typer.Option(help="PyTorch precision.")] = PrecisionChoice.fp32,
