@@ -36,13 +36,16 @@ COARSE_SIZES = (28, 56)  # voxels along the longest axis at each pyramid level
 
 def center_of_mass(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Intensity-weighted centre in RAS mm of a non-negative ``(D, H, W)`` image."""
-    weights = np.clip(data, 0, None).astype(np.float64)
-    total = weights.sum()
+    weights = np.clip(data, 0, None)
+    # Marginals from one plane of sums and one line (float64 accumulators, no float64 copy of the image).
+    plane = weights.sum(axis=2, dtype=np.float64)
+    marginals = (plane.sum(axis=1), plane.sum(axis=0), weights.sum(axis=(0, 1), dtype=np.float64))
+    total = float(plane.sum())
     if total <= 0:
         idx = (np.array(data.shape) - 1) / 2.0
     else:
-        idx = np.array([(weights.sum(axis=tuple(b for b in range(3) if b != a)) * np.arange(data.shape[a])).sum()
-                        for a in range(3)]) / total
+        idx = np.array([float(m @ np.arange(n, dtype=np.float64)) for m, n in zip(marginals, data.shape, strict=True)])
+        idx /= total
     return (affine @ np.append(idx, 1.0))[:3]
 
 
@@ -56,7 +59,8 @@ def downsample(data: np.ndarray, affine: np.ndarray, factors: Sequence[int]) -> 
     pad = []
     for a in (2, 1, 0):  # F.pad lists the last axis first; pad so every axis divides by k
         pad += [0, (-t.shape[2 + a]) % k[a]]
-    t = F.pad(t, pad, mode="replicate")
+    if any(pad):
+        t = F.pad(t, pad, mode="replicate")
     pooled = F.avg_pool3d(t, kernel_size=k, stride=k)[0, 0].numpy()
     scale = np.eye(4)
     scale[:3, :3] = np.diag(k)
@@ -82,7 +86,7 @@ def affine_align(
     moving_affine: np.ndarray,
     spacing: float = 1.0,
     factors: Sequence[int] | None = None,
-    iterations: Sequence[int] = (100, 50),
+    iterations: Sequence[int] = (50, 25),
     lr: float = 0.02,
     similarity: Similarity = "ncc",
     init: np.ndarray | None = None,
@@ -99,7 +103,9 @@ def affine_align(
         factors: pyramid levels as multiples of ``spacing``, coarse to fine (default: the
             factors that bring the fixed image's longest side to ~28 and ~56 voxels, i.e. 8 and 4
             on the LUMIR grid).
-        iterations: Adam steps per level.
+        iterations: Adam steps per level. 50 + 25 recover a 20° rotation with a 25 mm shift of a
+            sample brain as well as 100 + 50 (Dice after the whole pipeline 0.754 / 0.753; the
+            three sample pairs 0.7244 / 0.7245) in ~60 % of the time.
         lr: Adam learning rate (units: fraction of the fixed object's radius per step).
         similarity: ``"ncc"`` (global normalised cross-correlation) or ``"mse"``.
         init: initial ``T``; default = translation between the centres of mass.
@@ -159,8 +165,9 @@ def affine_align(
         m_inv_t = torch.tensor(np.linalg.inv(m_aff), dtype=torch.float64)
         opt = Adam([lin, trans], lr=lr)
         # The 4×4 chain in float64, the per-voxel product in float32 (indices < 100 at these levels:
-        # ~1e-5 voxel of rounding). The images are small (≤ 56 voxels a side): one thread runs these
-        # ~20 small kernels per step as fast as two, and does not stall behind a competing process.
+        # ~1e-5 voxel of rounding). One thread: the images are small (≤ 56 voxels a side), a second
+        # thread gains ~0.1 s on idle cores and loses as much beside a busy process, and one thread
+        # makes the affine the same bit for bit at any thread count (a batch's pairs and single runs agree).
         with torch_threads(1):
             for _ in range(steps):
                 opt.zero_grad()

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from eoir_cli.coords import apply_affine, identity_grid, ras_to_lps, sample_at
+from eoir_cli.coords import RAS_TO_LPS, affine_points, apply_affine, sample_at
 from eoir_cli.io import Volume
 from eoir_cli.preprocess import NetworkGrid
 
@@ -31,8 +31,9 @@ class NativeMaps:
     """What :func:`compose_to_native` samples on the fixed native grid ``(D, H, W)``.
 
     Attributes:
-        disp: ``(D, H, W, 3)`` float32 voxels, ``j - i``.
-        warp_itk: ``(D, H, W, 3)`` float32 LPS mm, ``LPS(q) - LPS(p)``.
+        disp: ``(D, H, W, 3)`` float32 voxels, ``j - i`` (a view of a channel-first array: the
+            torch passes, the Jacobian and the NIfTI writer's transpose read it without a copy).
+        warp_itk: ``(D, H, W, 3)`` float32 LPS mm, ``LPS(q) - LPS(p)`` (channel-first like ``disp``).
         warped: ``(D, H, W)`` float32 moving intensities (raw) at ``j``.
         before: ``(D, H, W)`` float32 moving intensities in [0, 1] at scanner coordinates (no registration).
         net_coords: ``(3, D, H, W)`` float32 displaced network-grid index ``x'`` (for the QC grid lines).
@@ -76,12 +77,15 @@ def compose_to_native(
     mov01 = torch.from_numpy(np.ascontiguousarray(moving01, np.float32))[None, None]
     seg = torch.from_numpy(moving_seg.astype(np.float32))[None, None] if moving_seg is not None else None
     out = NativeMaps(
-        disp=np.empty(shape + (3,), np.float32), warp_itk=np.empty(shape + (3,), np.float32),
+        disp=np.empty((3,) + shape, np.float32).transpose(1, 2, 3, 0),
+        warp_itk=np.empty((3,) + shape, np.float32).transpose(1, 2, 3, 0),
         warped=np.empty(shape, np.float32), before=np.empty(shape, np.float32),
         net_coords=np.empty((3,) + shape, np.float32),
         warped_seg=np.empty(shape, np.int32) if seg is not None else None,
         before_seg=np.empty(shape, np.int32) if seg is not None else None,
     )
+    disp_first, itk_first = (torch.from_numpy(a.transpose(3, 0, 1, 2)) for a in (out.disp, out.warp_itk))
+    lps = torch.tensor(RAS_TO_LPS, dtype=torch.float32).view(3, 1, 1, 1)
     # Common special cases sampled by indexing instead of interpolation (same numbers, a fraction of
     # the time): a fixed grid that is the network grid up to a whole-voxel crop/pad, and a moving
     # image on the fixed image's own grid (the "before" picture is then the moving image itself).
@@ -91,18 +95,16 @@ def compose_to_native(
     # float32 is ample: index error ~ 3e-5 voxels at 500 voxels from the origin.
     for start in range(0, shape[0], slab):
         stop = min(start + slab, shape[0])
-        idx = identity_grid((stop - start, shape[1], shape[2]))[0]
-        idx[0] += start
-        x = apply_affine(to_net, idx)
+        x = affine_points(to_net, shape, start, stop)
         if shift is not None:
-            x = x + _take_clamped(u[0], [np.arange(start, stop), np.arange(shape[1]), np.arange(shape[2])], shift)
+            x += _take_clamped(u[0], [np.arange(start, stop), np.arange(shape[1]), np.arange(shape[2])], shift)
         else:
-            x = x + sample_at(u, x, "bilinear", "border")
+            x += sample_at(u, x, "bilinear", "border")
         j = apply_affine(net_to_moving, x)
-        p = apply_affine(fixed.affine, idx)
-        q = apply_affine(moving.affine, j)
-        out.disp[start:stop] = (j - idx).permute(1, 2, 3, 0).numpy()
-        out.warp_itk[start:stop] = ras_to_lps(q - p).permute(1, 2, 3, 0).numpy()
+        # j - i and LPS(A_moving j - A_fixed i), written straight into the channel-first outputs
+        torch.sub(j, affine_points(np.eye(4), shape, start, stop), out=disp_first[:, start:stop])
+        q_minus_p = apply_affine(moving.affine, j).sub_(affine_points(fixed.affine, shape, start, stop))
+        torch.mul(q_minus_p, lps, out=itk_first[:, start:stop])
         out.net_coords[:, start:stop] = x.numpy()
         out.warped[start:stop] = sample_at(mov, j, "bilinear", "zeros")[0].numpy()
         if seg is not None:
@@ -112,7 +114,7 @@ def compose_to_native(
             if seg is not None:
                 out.before_seg[start:stop] = moving_seg[start:stop]
             continue
-        j0 = apply_affine(physical, idx)
+        j0 = affine_points(physical, shape, start, stop)
         out.before[start:stop] = sample_at(mov01, j0, "bilinear", "zeros")[0].numpy()
         if seg is not None:
             out.before_seg[start:stop] = sample_at(seg, j0, "nearest", "zeros")[0].round().int().numpy()
@@ -200,11 +202,9 @@ def compose_inverse_to_native(
     disp = torch.empty((3,) + tuple(shape), dtype=torch.float32)  # i - j, channel first until the end
     for start in range(0, shape[0], slab):
         stop = min(start + slab, shape[0])
-        jdx = identity_grid((stop - start, shape[1], shape[2]))[0]
-        jdx[0] += start
-        y = apply_affine(to_net, jdx)
+        y = affine_points(to_net, shape, start, stop)
         y += invert_at(u, w, w_grad, y[None])[0]
-        disp[:, start:stop] = apply_affine(net_to_fixed, y).sub_(jdx)
+        disp[:, start:stop] = apply_affine(net_to_fixed, y).sub_(affine_points(np.eye(4), shape, start, stop))
     del u, w, w_grad
     if forward is not None and fit_iterations > 0:
         at, value = _inverse_samples(forward, fit_mask)
@@ -215,18 +215,19 @@ def compose_inverse_to_native(
     of_disp[:3, 3] = 0.0  # L_fixed: disp is a vector, no translation
     of_index = fixed.affine - moving.affine
     fix = torch.from_numpy(np.ascontiguousarray(fixed.data, np.float32))[None, None] if warp_fixed else None
-    out = InverseMaps(disp=np.ascontiguousarray(disp.permute(1, 2, 3, 0).numpy()),
-                      warp_itk=np.empty(shape + (3,), np.float32),
+    out = InverseMaps(disp=disp.numpy().transpose(1, 2, 3, 0),  # channel-first underneath, like NativeMaps
+                      warp_itk=np.empty((3,) + shape, np.float32).transpose(1, 2, 3, 0),
                       warped=np.empty(shape, np.float32) if warp_fixed else None)
+    itk_first = torch.from_numpy(out.warp_itk.transpose(3, 0, 1, 2))
+    lps = torch.tensor(RAS_TO_LPS, dtype=torch.float32).view(3, 1, 1, 1)
     for start in range(0, shape[0], slab):
         stop = min(start + slab, shape[0])
-        jdx = identity_grid((stop - start, shape[1], shape[2]))[0]
-        jdx[0] += start
         part = disp[:, start:stop]
-        itk = apply_affine(of_index, jdx)
+        itk = affine_points(of_index, shape, start, stop)
         itk += apply_affine(of_disp, part)
-        out.warp_itk[start:stop] = ras_to_lps(itk).permute(1, 2, 3, 0).numpy()
+        torch.mul(itk, lps, out=itk_first[:, start:stop])
         if out.warped is not None:
+            jdx = affine_points(np.eye(4), shape, start, stop)
             out.warped[start:stop] = sample_at(fix, jdx.add_(part), "bilinear", "zeros")[0].numpy()
     return out
 

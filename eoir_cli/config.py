@@ -259,13 +259,13 @@ class PipelineDefaults:
     """
 
     affine: bool = True
-    refine: int = 2
+    refine: int = 3
     refine_lr: float = 0.5
     refine_weight: float = 2.0
     refine_window: int = 5
     refine_int_steps: int = 4
-    refine_search_int_steps: int = 2
-    refine_coarse: int = 30  # steps at a quarter of the network grid before the ``refine`` steps at half
+    refine_search_int_steps: int = 1
+    refine_coarse: int = 15  # steps at a quarter of the network grid before the ``refine`` steps at half
     refine_sigma: float = 1.0  # Gaussian (voxels) on the refinement's updates: Dice kept, inverse round trip halved
     refine_sigma_max: float = 8.0  # beyond it a quarter-resolution update is a near-constant shift (> 32 mm at 1 mm)
     inverse_fit: int = 1  # least-squares steps fitting the inverse between voxels (eoir_cli.inverse.fit_inverse)

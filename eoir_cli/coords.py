@@ -147,6 +147,28 @@ def apply_affine(matrix: np.ndarray, points: Any) -> Any:
     return torch.einsum("ij,j...->i...", m[:3, :3], points) + m[:3, 3].reshape(3, *([1] * (points.dim() - 1)))
 
 
+def affine_points(matrix: np.ndarray, shape: Sequence[int], start: int = 0, stop: int | None = None) -> Any:
+    """``matrix @ (i, j, k, 1)`` at every voxel of planes ``start:stop`` of a ``shape`` grid, a float32
+    torch tensor ``(3, stop - start, H, W)``.
+
+    The points :func:`apply_affine` gives on :func:`identity_grid` (shifted by ``start``), built as a
+    broadcast sum of one term per axis (each computed in float64): no index grid, no 3×3 product per
+    voxel, two passes over the output.
+    """
+    import torch
+
+    stop = int(shape[0]) if stop is None else int(stop)
+    m = np.asarray(matrix, dtype=np.float64)
+    axes = (np.arange(start, stop, dtype=np.float64), np.arange(shape[1], dtype=np.float64),
+            np.arange(shape[2], dtype=np.float64))
+    out = torch.empty((3, stop - start, int(shape[1]), int(shape[2])), dtype=torch.float32)
+    for c in range(3):
+        terms = [torch.from_numpy(m[c, a] * axes[a] + (m[c, 3] if a == 0 else 0.0)).float().view(
+            *[-1 if b == a else 1 for b in range(3)]) for a in range(3)]
+        out[c].copy_(terms[0] + terms[1]).add_(terms[2])
+    return out
+
+
 def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size in mm along array axes 0, 1, 2 (the column norms of the affine)."""
     return tuple(float(s) for s in np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0))  # type: ignore

@@ -203,7 +203,7 @@ def _network_row(net: Any, pair: Any, normalization: Any, hd95: bool,
                  labels: Sequence[int] | None) -> tuple[dict[str, Any], dict[int, float]]:
     """Metrics of the network alone on the dataset's grid (the challenge setting)."""
     from eoir_cli.data.datasets import load_pair
-    from eoir_cli.metrics import dice_per_label, field_metrics, hd95_per_label, scored_labels
+    from eoir_cli.metrics import dice_per_label_each, field_metrics, hd95_per_label, scored_labels
     from eoir_cli.spatial import warp
 
     sample = load_pair(pair, normalization, True, affines=True)  # type: ignore[arg-type]
@@ -212,8 +212,7 @@ def _network_row(net: Any, pair: Any, normalization: Any, hd95: bool,
     warped_np = warped.long().numpy()
     fixed_lab, moving_lab = sample["fixed_labels"].numpy(), sample["moving_labels"].numpy()
     labels = scored_labels(fixed_lab, moving_lab, labels)
-    dice = dice_per_label(warped_np, fixed_lab, labels)
-    before = dice_per_label(moving_lab, fixed_lab, labels)
+    dice, before = dice_per_label_each([warped_np, moving_lab], fixed_lab, labels)
     disp_np = disp[0].cpu().numpy().astype(np.float64)
     spacing = voxel_spacing(sample["fixed_affine"].numpy())
     row: dict[str, Any] = {"fixed": pair.fixed.id, "moving": pair.moving.id,

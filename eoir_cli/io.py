@@ -180,7 +180,7 @@ def save_volume(
     path = Path(path)
     data = np.asarray(data)
     if dtype is not None:
-        data = data.astype(dtype)
+        data = data.astype(dtype, copy=False)
     hdr = header.copy() if header is not None else None
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=hdr)
     img.header.set_data_dtype(data.dtype)
@@ -194,15 +194,38 @@ def save_volume(
         img.header.set_intent(intent, (), "")
     with atomic_path(path) as tmp:
         if str(path).lower().endswith(".gz"):
-            write_gzip_parallel(tmp, img.to_bytes(), level=compression)
+            write_gzip_parallel(tmp, nifti_parts(img, data), level=compression)
         else:
             nib.save(img, str(tmp))
     log.info("wrote %s", path)
     return path
 
 
+def nifti_parts(img: Any, data: np.ndarray) -> tuple[bytes, memoryview]:
+    """The bytes of a single-file NIfTI of ``data`` as nibabel's ``img.to_bytes()`` lays them out, in two parts:
+    the header (with extensions, padded to its ``vox_offset``) and a view of the voxel data in file order.
 
-def write_gzip_parallel(path: str | os.PathLike[str], data: bytes, level: int = GZIP_LEVEL,
+    ``img`` must carry ``data``'s shape, its on-disk dtype (any byte order) and slope 1 / intercept 0
+    (:func:`save_volume` sets them). nibabel's array writer walks the data in small pieces (~0.7 s
+    for a 160×224×192 vector field); here the data is one transposing copy at most (none for an array
+    already in Fortran order and the file's dtype).
+    """
+    from io import BytesIO
+
+    img.update_header()
+    hdr = img.header
+    head = BytesIO()
+    hdr.write_to(head)
+    offset = int(hdr.get_data_offset())
+    if head.tell() > offset:
+        raise ValueError(f"NIfTI header: {head.tell()} bytes do not fit before vox_offset {offset}")
+    head.write(bytes(offset - head.tell()))
+    body = np.asfortranarray(data, dtype=hdr.get_data_dtype())
+    return head.getvalue(), memoryview(body.T.reshape(-1)).cast("B")
+
+
+
+def write_gzip_parallel(path: str | os.PathLike[str], data: Any, level: int = GZIP_LEVEL,
                         threads: int | None = None, chunk: int = GZIP_CHUNK) -> None:
     """Write ``data`` gzip-compressed, compressing ``chunk``-byte pieces on ``threads`` threads.
 
@@ -212,7 +235,8 @@ def write_gzip_parallel(path: str | os.PathLike[str], data: bytes, level: int = 
 
     Args:
         path: target file (written directly; wrap in :func:`eoir_cli.fileio.atomic_path`).
-        data: the uncompressed bytes.
+        data: the uncompressed bytes: one bytes-like object, or a tuple of them written one after
+            the other (e.g. :func:`nifti_parts`: no copy joins them).
         level: zlib level 0-9.
         threads: compression threads (None: :func:`eoir_cli.threads.num_threads`).
         chunk: uncompressed bytes per member.
@@ -226,25 +250,25 @@ def write_gzip_parallel(path: str | os.PathLike[str], data: bytes, level: int = 
     except ImportError:  # a platform without its wheel: zlib
         isal_zlib = None
 
-    def member(start: int) -> bytes:
+    def member(view: memoryview) -> bytes:
         # wbits 16 + 15: a gzip header and trailer. isal level 1 gives zlib level 1's size (disp
         # 68.6 MB from 82.6 MB in 0.17 s against 0.69 s). zlib's Z_RLE (matches of the previous byte
         # only) compresses ~3x faster than its default strategy at level 1 to within 1 % of its size.
-        view = memoryview(data)[start:start + chunk]
         if isal_zlib is not None and level > 0:
             return isal_zlib.compress(view, min(level, isal_zlib.ISAL_BEST_COMPRESSION), wbits=31)
         comp = zlib.compressobj(level, zlib.DEFLATED, 31, 8, zlib.Z_RLE)
         return comp.compress(view) + comp.flush()
 
-    starts = range(0, max(len(data), 1), chunk)
-    workers = max(1, min(threads or num_threads(), len(starts)))
+    parts = [memoryview(part).cast("B") for part in (data if isinstance(data, tuple) else (data,))]
+    pieces = [part[start:start + chunk] for part in parts for start in range(0, len(part), chunk)] or [parts[0]]
+    workers = max(1, min(threads or num_threads(), len(pieces)))
     with open(path, "wb") as f:
         if workers == 1:
-            for start in starts:
-                f.write(member(start))
+            for piece in pieces:
+                f.write(member(piece))
             return
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(workers) as pool:
-            for piece in pool.map(member, starts):
-                f.write(piece)
+            for packed in pool.map(member, pieces):
+                f.write(packed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,8 @@ def _check_5d(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected (N, C, D, H, W), got shape {tuple(t.shape)}")
 
 
-def gaussian_blur(image: torch.Tensor, sigma: float = 1.0, truncate: float = 3.0) -> torch.Tensor:
+def gaussian_blur(image: torch.Tensor, sigma: float | Sequence[float] | Any = 1.0,
+                  truncate: float = 3.0) -> torch.Tensor:
     """Separable Gaussian blur of every channel along the three spatial axes.
 
     The kernel is truncated at ``ceil(truncate * sigma)`` voxels and normalised to sum 1; borders are
@@ -37,19 +38,22 @@ def gaussian_blur(image: torch.Tensor, sigma: float = 1.0, truncate: float = 3.0
 
     Args:
         image: ``(N, C, D, H, W)`` float tensor.
-        sigma: standard deviation in voxels (``<= 0`` returns ``image`` unchanged).
+        sigma: standard deviation in voxels, one for every axis or one per axis (an axis with
+            ``<= 0`` is left as it is).
         truncate: kernel radius in standard deviations.
 
     Returns:
         ``(N, C, D, H, W)`` blurred image, dtype of ``image``.
     """
     _check_5d("image", image)
-    if sigma <= 0:
-        return image
+    sigmas = [float(v) for v in sigma] if hasattr(sigma, "__iter__") else [float(sigma)] * 3
+    if len(sigmas) != 3:
+        raise ValueError(f"sigma: expected one value or one per spatial axis, got {len(sigmas)}")
     out = image
-    for axis in (2, 3, 4):
-        matrix = _blur_matrix(image.shape[axis], float(sigma), float(truncate)).to(image.device, image.dtype)
-        out = (out.transpose(axis, -1) @ matrix).transpose(axis, -1)
+    for axis, axis_sigma in zip((2, 3, 4), sigmas, strict=True):
+        if axis_sigma > 0:
+            matrix = _blur_matrix(image.shape[axis], axis_sigma, float(truncate)).to(image.device, image.dtype)
+            out = (out.transpose(axis, -1) @ matrix).transpose(axis, -1)
     return out
 
 

@@ -23,6 +23,7 @@ Choices (documented because the challenge scripts differ in details):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -111,26 +112,43 @@ def dice_per_label(pred: np.ndarray, target: np.ndarray, labels: Iterable[int] |
     Returns:
         ``{label: dice in [0, 1]}``.
     """
-    pred, target = _check_labels(pred, target)
-    wanted = _label_list(pred, target, labels)
+    return dice_per_label_each([pred], target, labels)[0]
+
+
+def dice_per_label_each(preds: Sequence[np.ndarray], target: np.ndarray,
+                        labels: Iterable[int] | None = None) -> list[dict[int, float]]:
+    """:func:`dice_per_label` of several label maps against one ``target`` (e.g. before and after
+    registration), the target's label positions computed once."""
+    checked = [_check_labels(pred, target) for pred in preds]
+    if not checked:
+        return []
+    target = checked[0][1]
+    if labels is None:
+        present = [_present_labels(target)] + [_present_labels(pred) for pred, _ in checked]
+        wanted = [int(v) for v in functools.reduce(np.union1d, present) if v != 0]
+    else:
+        wanted = [int(v) for v in labels]
     # One pass over the volume for all labels: the joint histogram of label positions (pred x
     # target) instead of three full-volume comparisons per label; its margins are the label
     # volumes, its diagonal the overlaps.
     values = np.unique(np.asarray(wanted, dtype=np.int64))
     k = len(values)
-    pos_p = _label_index(pred, values)
-    pos_p *= k + 1
-    pos_p += _label_index(target, values)
-    joint = np.bincount(pos_p, minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
-    count_p, count_t, both = joint.sum(axis=1), joint.sum(axis=0), np.diagonal(joint)
-    out: dict[int, float] = {}
-    for label in wanted:
-        i = int(np.searchsorted(values, label))
-        total = int(count_p[i]) + int(count_t[i])
-        if total == 0:
-            continue
-        out[label] = 2.0 * float(both[i]) / total
-    return out
+    pos_t = _label_index(target, values)
+    results = []
+    for pred, _ in checked:
+        pos_p = _label_index(pred, values)
+        pos_p *= k + 1
+        pos_p += pos_t
+        joint = np.bincount(pos_p, minlength=(k + 1) ** 2).reshape(k + 1, k + 1)
+        count_p, count_t, both = joint.sum(axis=1), joint.sum(axis=0), np.diagonal(joint)
+        out: dict[int, float] = {}
+        for label in wanted:
+            i = int(np.searchsorted(values, label))
+            total = int(count_p[i]) + int(count_t[i])
+            if total:
+                out[label] = 2.0 * float(both[i]) / total
+        results.append(out)
+    return results
 
 
 def mean_dice(pred: np.ndarray, target: np.ndarray, labels: Iterable[int] | None = None) -> float:

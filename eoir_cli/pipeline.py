@@ -103,8 +103,8 @@ def _seg_metrics(before: np.ndarray, after: np.ndarray, fixed_seg: np.ndarray, m
 
     labels = metrics.scored_labels(fixed_seg, moving_seg, labels)
     out: dict[str, Any] = {"labels": labels}
-    for tag, pred in (("before", before), ("after", after)):
-        dice = metrics.dice_per_label(pred, fixed_seg, labels)
+    dices = metrics.dice_per_label_each([before, after], fixed_seg, labels)
+    for tag, pred, dice in (("before", before, dices[0]), ("after", after, dices[1])):
         out[f"dice_{tag}"] = {str(k): v for k, v in dice.items()}
         out[f"dice_{tag}_mean"] = float(np.mean(list(dice.values()))) if dice else float("nan")
         if hd95:

@@ -174,21 +174,31 @@ def resample_affine(
 ) -> np.ndarray:
     """Sample ``data`` on a new grid through an affine index map (zeros outside).
 
+    PyTorch on its threads (``grid_sample`` of the grid ``F.affine_grid`` builds in one product):
+    ~0.1 s for a 160×224×192 image on 2 cores, and no scipy import (~0.25 s) on the way of a
+    registration. Trilinear weights as everywhere in eoir: a sample less than a voxel beyond the
+    border blends towards 0.
+
     Args:
         data: ``(D, H, W)`` source array.
         index_map: ``(4, 4)`` target index -> source index (continuous).
         shape: target ``(D, H, W)``.
         order: 1 = trilinear, 0 = nearest (labels).
-        sigma: optional Gaussian pre-filter (source voxels, per axis) against aliasing.
+        sigma: optional Gaussian pre-filter (source voxels, per axis, borders replicated, kernel to
+            4 sigma) against aliasing.
 
     Returns:
         ``(D, H, W)`` array of ``data``'s dtype (float32 for order 1).
     """
-    from scipy import ndimage
+    import torch
+
+    from eoir_cli.losses import gaussian_blur
 
     src = data.astype(np.float32) if order else data
     if sigma is not None and np.any(np.asarray(sigma) > 0) and order:
-        src = ndimage.gaussian_filter(src, sigma=np.asarray(sigma, dtype=float), mode="nearest")
+        with torch.no_grad():
+            src = gaussian_blur(torch.from_numpy(np.ascontiguousarray(src))[None, None],
+                                np.asarray(sigma, dtype=float), truncate=4.0)[0, 0].numpy()
     identity = np.eye(4)
     if np.allclose(index_map, identity) and tuple(shape) == data.shape:
         return src.copy()
@@ -196,8 +206,35 @@ def resample_affine(
     lin, off = index_map[:3, :3], index_map[:3, 3]
     if np.allclose(lin, np.eye(3)) and np.allclose(off, np.round(off)):
         return _shift_crop(src, np.round(off).astype(int), tuple(shape))
-    return ndimage.affine_transform(src, index_map[:3, :3], offset=index_map[:3, 3], output_shape=tuple(shape),
-                                    order=order, mode="constant", cval=0.0, prefilter=False)
+    return _sample_affine(src, index_map, tuple(shape), "bilinear" if order else "nearest")
+
+
+def _sample_affine(src: np.ndarray, index_map: np.ndarray, shape: tuple[int, ...], mode: str) -> np.ndarray:
+    """``src`` sampled at ``index_map @ (i, j, k, 1)`` for every target index (zeros outside)."""
+    import torch
+
+    from eoir_cli.coords import grid_sample
+
+    if min(src.shape) < 2 or min(shape) < 2:  # align_corners normalisation needs two voxels per axis
+        from scipy import ndimage
+
+        return ndimage.affine_transform(src, index_map[:3, :3], offset=index_map[:3, 3], output_shape=shape,
+                                        order=1 if mode == "bilinear" else 0, mode="constant", cval=0.0,
+                                        prefilter=False)
+    # grid_sample's coordinate of source axis b (-1..1 corner to corner) at target index i is affine
+    # in i, C @ i + e with C = S L, e = S o - 1, S = diag(2 / (n_b - 1)): a sum of one term per target
+    # axis, broadcast (one pass over the grid; F.affine_grid's product over a homogeneous base grid
+    # takes 3x as long). The last grid axis runs (W, H, D), the reverse of the array's.
+    scale = 2 / (np.asarray(src.shape, dtype=np.float64) - 1)
+    coef = (scale[:, None] * index_map[:3, :3])[::-1]
+    terms = [torch.from_numpy(np.arange(n, dtype=np.float64)[:, None] * coef[:, a]).float().view(
+        *[n if b == a else 1 for b in range(3)], 3) for a, n in enumerate(shape)]
+    const = torch.from_numpy((scale * index_map[:3, 3] - 1)[::-1].copy()).float()
+    volume = torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32))[None, None]
+    with torch.no_grad():
+        grid = ((terms[0] + const) + terms[1]) + terms[2]
+        out = grid_sample(volume, grid[None], mode, "zeros")[0, 0].numpy()
+    return out if mode == "bilinear" else out.astype(src.dtype)
 
 
 def _shift_crop(src: np.ndarray, offset: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

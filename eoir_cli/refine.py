@@ -109,7 +109,7 @@ def refine(
     Returns:
         ``(1, 3, D, H, W)`` float32 displacement in voxels of the network grid.
     """
-    from eoir_cli.spatial import compose, resize_disp
+    from eoir_cli.spatial import compose, resize_disp, sample_torch_cached
 
     size = tuple(fixed.shape[2:])
     if disp is None:
@@ -132,7 +132,7 @@ def refine(
     levels = ([(coarse, coarse_steps)] if coarse_steps > 0 else []) + [(fine, steps)]
     with torch.no_grad():
         targets = _pyramid(fixed, [lv[0] for lv in levels])
-        sources = _pyramid(warp(moving, disp), [lv[0] for lv in levels])
+        sources = _pyramid(warp(moving, disp, sampler=sample_torch_cached), [lv[0] for lv in levels])
     velocity = torch.zeros(1, 3, *levels[0][0], dtype=disp.dtype, device=disp.device)
     for (shape, n), target, source in zip(levels, targets, sources, strict=True):
         if tuple(velocity.shape[2:]) != shape:
@@ -140,8 +140,8 @@ def refine(
                 velocity = resize_disp(velocity, shape)
         velocity = _optimise(velocity, source, target, n, lr, weight, window, search, sigma)
     with torch.no_grad():
-        phi = integrate(velocity, int_steps)
-        return compose(disp, resize_disp(phi, size))
+        phi = integrate(velocity, int_steps, sampler=sample_torch_cached)
+        return compose(disp, resize_disp(phi, size), sampler=sample_torch_cached)
 
 
 def _optimise(velocity: torch.Tensor, source: torch.Tensor, target: torch.Tensor, steps: int, lr: float,

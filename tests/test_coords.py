@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eoir_cli.backends import open_backend
 from eoir_cli.config import resolve_config
@@ -133,3 +135,20 @@ def test_grid_sample_split_over_threads_equals_one_call(depth: int, threads: int
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
     torch.testing.assert_close(grads[0], volume.grad, rtol=1e-5, atol=1e-5)  # summed over slabs: float order
     torch.testing.assert_close(grads[1], grid.grad, rtol=0, atol=0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), start=st.integers(0, 5), planes=st.integers(1, 4))
+def test_affine_points_are_the_affine_of_the_index_grid(seed: int, start: int, planes: int) -> None:
+    from eoir_cli.coords import affine_points, apply_affine, identity_grid
+
+    matrix = np.eye(4)
+    matrix[:3] = np.random.default_rng(seed).uniform(-3, 3, (3, 4))
+    shape = (start + planes + 2, 7, 5)
+    index = identity_grid((planes, 7, 5))[0]
+    index[0] += start
+    expected = apply_affine(matrix, index.double()).float()
+    got = affine_points(matrix, shape, start, start + planes)
+    assert got.shape == (3, planes, 7, 5) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(affine_points(matrix, shape)[:, start:start + planes], got)

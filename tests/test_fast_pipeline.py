@@ -105,6 +105,36 @@ def test_parallel_gzip_is_one_stream_for_every_reader(tmp_path: Path, monkeypatc
     np.testing.assert_array_equal(img.affine, np.diag([2.0, 3.0, 4.0, 1.0]))
 
 
+@pytest.mark.parametrize("case", ["float vector C-order", "float vector channel-first view", "float Fortran-order",
+                                  "int16 labels big-endian header", "uint8 with an extension"])
+def test_nifti_parts_are_nibabels_bytes(case: str) -> None:
+    """save_volume's own serialisation (header + one view of the data) is byte for byte nibabel's to_bytes."""
+    from eoir_cli.io import nifti_parts
+
+    rng = np.random.default_rng(3)
+    affine = np.array([[0.0, -2.0, 0.0, 10.0], [1.5, 0.0, 0.0, -4.0], [0.0, 0.0, 3.0, 7.0], [0.0, 0.0, 0.0, 1.0]])
+    header = None
+    if case == "float vector C-order":
+        data = rng.normal(size=(6, 7, 5, 1, 3)).astype(np.float32)
+    elif case == "float vector channel-first view":  # how register's fields are held
+        data = rng.normal(size=(3, 6, 7, 5)).astype(np.float32).transpose(1, 2, 3, 0)[:, :, :, None, :]
+    elif case == "float Fortran-order":
+        data = np.asfortranarray(rng.normal(size=(6, 7, 5)).astype(np.float32))
+    elif case == "int16 labels big-endian header":
+        data = rng.integers(0, 40, size=(5, 6, 7)).astype(np.int16)
+        header = nib.Nifti1Header(endianness=">")
+    else:
+        data = rng.integers(0, 255, size=(4, 5, 6)).astype(np.uint8)
+        header = nib.Nifti1Header()
+        header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"eoir test extension"))
+    img = nib.Nifti1Image(data, affine, header=header)
+    img.header.set_slope_inter(1.0, 0.0)
+    head, body = nifti_parts(img, data)
+    expected = img.to_bytes()
+    assert head + bytes(body) == expected
+    assert nib.Nifti1Image.from_bytes(head + bytes(body)).get_fdata().shape == data.shape
+
+
 # ------------------------------------------------------------------------------------ the register command
 
 

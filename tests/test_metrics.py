@@ -10,6 +10,7 @@ import torch
 
 from eoir_cli.metrics import (
     dice_per_label,
+    dice_per_label_each,
     field_metrics,
     hd95_per_label,
     inverse_consistency,
@@ -46,6 +47,19 @@ def test_dice_goldens() -> None:
     bg = dice_per_label(pred, target, labels=[0])[0]
     p0, t0 = pred == 0, target == 0
     assert bg == pytest.approx(2 * (p0 & t0).sum() / (p0.sum() + t0.sum()))
+
+
+def test_dice_of_several_maps_is_each_maps_dice() -> None:
+    """dice_per_label_each (before and after against one target) = dice_per_label of each, including a
+    label present in one of the maps only."""
+    pred, target = _cubes()
+    other = np.roll(pred, 1, axis=0)
+    other[0, 0, 0] = 7  # only in this map
+    for labels in (None, [1, 7, 42]):
+        assert dice_per_label_each([pred, other], target, labels) == [dice_per_label(pred, target, labels),
+                                                                       dice_per_label(other, target, labels)]
+    assert dice_per_label_each([other], target)[0] == {1: 2 * 48 / 128, 7: 0.0}  # overlap 3·4·4
+    assert dice_per_label_each([], target) == []
 
 
 def test_dice_rejects_mismatched_shapes() -> None:
