@@ -343,7 +343,7 @@ def register(
                                 lr=refine_lr, weight=refine_weight, scale=refine_scale, window=refine_window,
                                 int_steps=refine_int_steps, coarse_steps=refine_coarse,
                                 search_int_steps=refine_search_int_steps, sigma=refine_sigma)
-            network_disp = refined[0].cpu().numpy().astype(np.float32)
+            network_disp = refined[0].cpu().numpy().astype(np.float32, copy=False)
     with timer("compose"):
         from eoir_cli.composition import compose_to_native
         from eoir_cli.coords import physical_jacobian

@@ -98,7 +98,14 @@ def sample_torch_cached(image: torch.Tensor, disp: torch.Tensor, mode: str = "bi
     """
     in_size = tuple(image.shape[2:])
     base = _normalized_identity(tuple(disp.shape[2:]), in_size, str(disp.device))
-    grid = torch.addcmul(base, disp.float().permute(0, 2, 3, 4, 1).flip(-1), normalized_scale(in_size, disp.device))
+    scale = normalized_scale(in_size, disp.device)
+    disp = disp.float()
+    if torch.is_grad_enabled() and disp.requires_grad:
+        grid = torch.addcmul(base, disp.permute(0, 2, 3, 4, 1).flip(-1), scale)
+    else:  # channel by channel into the grid: no flipped copy of the field (an 86 MB temporary at 160×224×192)
+        grid = torch.empty((disp.shape[0], *base.shape[1:]), dtype=base.dtype, device=base.device)
+        for c in range(3):
+            torch.addcmul(base[..., c], disp[:, 2 - c], scale[c], out=grid[..., c])
     # Coordinates stay float32 (bf16 would misplace samples by up to a voxel at index ~200); under
     # autocast grid_sample runs in float32 anyway, so a reduced-precision image is upcast, not the grid cast down.
     image = image if image.dtype == grid.dtype else image.float()
@@ -204,7 +211,7 @@ def integrate(velocity: torch.Tensor, steps: int = 7, sampler: Sampler = "torch"
 
 def compose(outer: torch.Tensor, inner: torch.Tensor, sampler: Sampler = "torch") -> torch.Tensor:
     """Displacement (voxels) of ``x -> outer(inner(x))``: ``inner + warp(outer, inner)``."""
-    return inner + warp(outer, inner, sampler)
+    return warp(outer, inner, sampler).add_(inner)
 
 
 def resize(image: torch.Tensor, size: Sequence[int] | None = None, scale: Sequence[float] | None = None,
@@ -224,7 +231,7 @@ def resize_disp(disp: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     old = disp.shape[2:]
     out = resize(disp, size=tuple(size))
     ratio = [(m - 1) / (n - 1) if n > 1 else 1.0 for n, m in zip(old, size, strict=False)]
-    return out * torch.tensor(ratio, dtype=disp.dtype, device=disp.device).view(1, 3, 1, 1, 1)
+    return out.mul_(torch.tensor(ratio, dtype=disp.dtype, device=disp.device).view(1, 3, 1, 1, 1))
 
 
 def check_size(size: Sequence[int], multiple: Sequence[int], what: str = "input") -> None:

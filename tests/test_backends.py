@@ -137,3 +137,6 @@ def test_cached_grid_sampler_matches_sample_torch(mode):
     got, expected = sample_torch_cached(image, disp, mode), sample_torch(image, disp, mode)
     assert got.shape == (1, 3, 4, 5, 3)
     assert (got - expected).abs().max() <= 1e-5
+    # The grid built for autograd (a field that requires grad) and the in-place one (inference) agree
+    traced = sample_torch_cached(image, disp.clone().requires_grad_(True), mode)
+    assert traced.requires_grad and torch.equal(traced.detach(), got)
