@@ -218,7 +218,8 @@ def test_warp_accepts_callable_sampler() -> None:
     torch.testing.assert_close(out[..., :3], image[..., 1:])
 
 
-@pytest.mark.parametrize(("out_size", "in_size"), [((5, 7, 6), (9, 8, 7)), ((4, 4, 4), (4, 4, 4)), ((3, 1, 2), (1, 5, 2))])
+@pytest.mark.parametrize(("out_size", "in_size"),
+                         [((5, 7, 6), (9, 8, 7)), ((4, 4, 4), (4, 4, 4)), ((3, 1, 2), (1, 5, 2))])
 def test_cached_identity_grid_is_the_normalised_index_grid_bit_for_bit(out_size, in_size) -> None:
     from eoir_cli.coords import identity_grid, index_to_normalized
     from eoir_cli.spatial import _normalized_identity
