@@ -82,7 +82,8 @@ def ncc_loss(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, eps: fl
     For every voxel, the correlation of the two images over a ``window``³ box (zero-padded) is
     ``cc = cov² / (var_w · var_f + eps)``; the loss is ``-mean(cc)``: -1 for a perfect match (also
     for any affine intensity copy ``a·fixed + b``, a ≠ 0), 0 for unrelated images. Flat regions
-    (zero variance) contribute 0 because of ``eps``.
+    (zero variance) contribute 0 because of ``eps``. (:class:`LocalNCC` scores many warped images
+    against one fixed image.)
 
     Args:
         warped: ``(N, C, D, H, W)`` warped moving image.
@@ -98,42 +99,81 @@ def ncc_loss(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, eps: fl
         0-d tensor in ``[-1, 0]``.
     """
     _check_5d("warped", warped)
-    if warped.shape != fixed.shape:
-        raise ValueError(f"warped and fixed: expected equal shapes, got {tuple(warped.shape)} vs {tuple(fixed.shape)}")
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"window: expected an odd size >= 1, got {window}")
-    c = warped.shape[1]
+    return LocalNCC(fixed, window, eps, box)(warped)
+
+
+class LocalNCC:
+    """:func:`ncc_loss` against one fixed image: its window sums and variance are computed once, so
+    each call box-filters three maps of the warped image (``w``, ``w²``, ``w·f``) instead of five."""
+
+    def __init__(self, fixed: torch.Tensor, window: int = 9, eps: float = 1e-5, box: BoxSum = "conv") -> None:
+        _check_5d("fixed", fixed)
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"window: expected an odd size >= 1, got {window}")
+        if box not in ("conv", "cumsum"):
+            raise ValueError(f"box: expected 'conv' or 'cumsum', got {box!r}")
+        self.fixed, self.window, self.eps, self.box = fixed, window, eps, box
+        self.n = float(window**3)
+        self.s_f, s_ff = box_sum(torch.cat([fixed, fixed * fixed], dim=1), window, box).split(fixed.shape[1], dim=1)
+        self.var_f = s_ff - self.s_f * self.s_f / self.n
+
+    def __call__(self, warped: torch.Tensor) -> torch.Tensor:
+        if warped.shape != self.fixed.shape:
+            raise ValueError(f"warped and fixed: expected equal shapes, got {tuple(warped.shape)} vs "
+                             f"{tuple(self.fixed.shape)}")
+        maps = torch.cat([warped, warped * warped, warped * self.fixed], dim=1)
+        s_w, s_ww, s_wf = box_sum(maps, self.window, self.box).split(warped.shape[1], dim=1)
+        cross = s_wf - s_w * self.s_f / self.n
+        var_w = s_ww - s_w * s_w / self.n
+        cc = cross * cross / (var_w * self.var_f + self.eps)
+        return -cc.mean()
+
+
+def box_sum(maps: torch.Tensor, window: int, box: BoxSum = "conv") -> torch.Tensor:
+    """Sum of every channel of ``(N, C, D, H, W)`` over the zero-padded ``window``³ box centred on each voxel.
+
+    Separable: three 1-D passes cost 3·w instead of w³ multiply-adds per voxel (27 vs 729 at w = 9).
+    ``"conv"``: grouped 1-D convolutions. ``"cumsum"``: per axis a cumulative sum and one difference,
+    as an autograd function whose backward is the same box sum (the centred zero-padded box is
+    self-adjoint), without autograd's padded and flipped temporaries.
+    """
+    if box == "cumsum":
+        return _CumsumBox.apply(maps, window)
     pad = window // 2
-    # The box sum is separable: three 1-D passes cost 3·w instead of w³ multiply-adds per voxel
-    # (27 vs 729 at w = 9), which makes NCC cheap next to the network on CPU.
-    if box not in ("conv", "cumsum"):
-        raise ValueError(f"box: expected 'conv' or 'cumsum', got {box!r}")
-    maps = torch.cat([warped, fixed, warped * warped, fixed * fixed, warped * fixed], dim=1)
     k = maps.shape[1]
     for axis in range(3):
-        if box == "cumsum":
-            # Zero padding (pad + 1 before, pad after), cumulative sum, then S[i + w] - S[i]: the sum
-            # of the zero-padded window centred on i, as the convolution below computes it.
-            dim = 2 + axis
-            widths = [0] * 6
-            widths[2 * (2 - axis)], widths[2 * (2 - axis) + 1] = pad + 1, pad
-            total = F.pad(maps, widths).cumsum(dim)
-            n = maps.shape[dim]
-            maps = total.narrow(dim, window, n) - total.narrow(dim, 0, n)
-            continue
         shape = [k, 1, 1, 1, 1]
         shape[2 + axis] = window
         padding = [0, 0, 0]
         padding[axis] = pad
         ones = torch.ones(shape, dtype=maps.dtype, device=maps.device)
         maps = F.conv3d(maps, ones, padding=tuple(padding), groups=k)
-    s_w, s_f, s_ww, s_ff, s_wf = maps.split(c, dim=1)
-    n = float(window**3)
-    cross = s_wf - s_w * s_f / n
-    var_w = s_ww - s_w * s_w / n
-    var_f = s_ff - s_f * s_f / n
-    cc = cross * cross / (var_w * var_f + eps)
-    return -cc.mean()
+    return maps
+
+
+def _cumsum_box(maps: torch.Tensor, window: int) -> torch.Tensor:
+    pad = window // 2
+    for axis in range(3):
+        # Zero padding (pad + 1 before, pad after), cumulative sum, then S[i + w] - S[i]: the sum of
+        # the zero-padded window centred on i, as the convolution computes it.
+        dim = 2 + axis
+        widths = [0] * 6
+        widths[2 * (2 - axis)], widths[2 * (2 - axis) + 1] = pad + 1, pad
+        total = F.pad(maps, widths).cumsum(dim)
+        n = maps.shape[dim]
+        maps = total.narrow(dim, window, n) - total.narrow(dim, 0, n)
+    return maps
+
+
+class _CumsumBox(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, maps: torch.Tensor, window: int) -> torch.Tensor:
+        ctx.window = window
+        return _cumsum_box(maps, window)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _cumsum_box(grad, ctx.window), None
 
 
 def smoothness_loss(field: torch.Tensor, penalty: Penalty = "l2") -> torch.Tensor:

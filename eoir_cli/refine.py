@@ -150,13 +150,14 @@ def _optimise(velocity: torch.Tensor, source: torch.Tensor, target: torch.Tensor
 
     With ``sigma > 0`` Adam moves ``p`` in ``v = v₀ + G_sigma * p`` (``p`` starts at 0), see :func:`refine`.
     """
-    from eoir_cli.losses import gaussian_blur, ncc_loss, smoothness_loss
+    from eoir_cli.losses import LocalNCC, gaussian_blur, smoothness_loss
     from eoir_cli.spatial import sample_torch_cached
 
     base = velocity.detach()
     param = torch.zeros_like(base) if sigma > 0 else base.clone()
     param.requires_grad_(True)
     opt = Adam([param], lr=lr)
+    similarity = LocalNCC(target, window, box="cumsum")  # the target's window sums once per level
     with torch.enable_grad():
         for step in range(steps):
             opt.zero_grad()
@@ -164,7 +165,7 @@ def _optimise(velocity: torch.Tensor, source: torch.Tensor, target: torch.Tensor
             # The cached-grid sampler: the same warp with the identity grid built once per level
             # instead of once per warp (5 warps forward and backward per step).
             phi = integrate(velocity, int_steps, sampler=sample_torch_cached)
-            sim = ncc_loss(warp(source, phi, sampler=sample_torch_cached), target, window=window, box="cumsum")
+            sim = similarity(warp(source, phi, sampler=sample_torch_cached))
             loss = sim + weight * smoothness_loss(velocity, "l2")
             loss.backward()
             opt.step()

@@ -137,3 +137,29 @@ def test_deep_supervision_loss_checks_level_sizes() -> None:
     total, terms = deep_supervision_loss(out, image, image, level_factors=(2, 2, 1))
     assert "dice" in terms and terms["dice"] == 0.0 and "dice_0" not in terms
     assert total.item() == pytest.approx(terms["total"])
+
+
+@pytest.mark.parametrize("box", ["conv", "cumsum"])
+def test_local_ncc_scores_many_images_as_ncc_loss_does(box: str) -> None:
+    """LocalNCC keeps the fixed image's window sums across calls: each call equals ncc_loss."""
+    from eoir_cli.losses import LocalNCC
+
+    gen = torch.Generator().manual_seed(4)
+    fixed = torch.rand(1, 1, 9, 8, 10, generator=gen, dtype=torch.float64)
+    similarity = LocalNCC(fixed, window=5, box=box)  # type: ignore[arg-type]
+    for k in range(3):
+        warped = (fixed * (0.5 + 0.2 * k) + 0.3 * torch.rand(1, 1, 9, 8, 10, generator=gen, dtype=torch.float64))
+        warped.requires_grad_(True)
+        got, expected = similarity(warped), ncc_loss(warped, fixed, window=5, box=box)  # type: ignore[arg-type]
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.autograd.grad(got, warped)[0], torch.autograd.grad(expected, warped)[0])
+    with pytest.raises(ValueError, match="warped and fixed: expected equal shapes"):
+        similarity(torch.zeros(1, 1, 9, 8, 9, dtype=torch.float64))
+
+
+def test_cumsum_box_sum_backward_is_its_adjoint() -> None:
+    from eoir_cli.losses import box_sum
+
+    x = torch.rand(1, 2, 5, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: box_sum(v, 3, "cumsum"), (x,))
+    torch.testing.assert_close(box_sum(x, 3, "cumsum"), box_sum(x, 3, "conv"))
