@@ -59,6 +59,21 @@ def _pyramid(image: torch.Tensor, sizes: Sequence[tuple[int, ...]]) -> list[torc
     return [out[s] for s in sizes]
 
 
+def _warp_at(moving: torch.Tensor, disp: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """``warp(moving, disp)`` resized to ``size`` (align_corners geometry), sampled there directly: the
+    moving image at ``p + disp(p)`` for the points ``p`` of the smaller grid (1/8 of a full-size warp)."""
+    from eoir_cli.spatial import resize, sample_torch_cached
+
+    full = disp.shape[2:]
+    at = resize(disp, size=size)  # disp interpolated at p, in full-grid voxels
+    for axis, (n, m) in enumerate(zip(full, size, strict=True)):  # + p - i: where output voxel i sits
+        step = (n - 1) / (m - 1) - 1 if m > 1 else 0.0
+        shape = [1, 1, 1]
+        shape[axis] = m
+        at[:, axis] += step * torch.arange(m, dtype=at.dtype, device=at.device).view(shape)
+    return sample_torch_cached(moving, at)
+
+
 def refine(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -132,7 +147,7 @@ def refine(
     levels = ([(coarse, coarse_steps)] if coarse_steps > 0 else []) + [(fine, steps)]
     with torch.no_grad():
         targets = _pyramid(fixed, [lv[0] for lv in levels])
-        sources = _pyramid(warp(moving, disp, sampler=sample_torch_cached), [lv[0] for lv in levels])
+        sources = _pyramid(_warp_at(moving, disp, fine), [lv[0] for lv in levels])
     velocity = torch.zeros(1, 3, *levels[0][0], dtype=disp.dtype, device=disp.device)
     for (shape, n), target, source in zip(levels, targets, sources, strict=True):
         if tuple(velocity.shape[2:]) != shape:

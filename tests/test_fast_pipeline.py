@@ -505,3 +505,20 @@ def test_early_writer_hands_back_paths_errors_and_stops_when_abandoned() -> None
 
     with pytest.raises(OSError, match="disk full"):
         EarlyWriter(failing).release()
+
+
+def test_refinement_sources_sampled_on_the_smaller_grid_are_the_resized_warp() -> None:
+    """refine's half-resolution source: the moving image at p + disp(p) for the points p of the smaller
+    grid equals the full-size warp resized (align_corners) for an image and a field linear in space."""
+    from eoir_cli.refine import _warp_at
+    from eoir_cli.spatial import resize, warp
+
+    full, small = (17, 21, 13), (9, 11, 7)
+    idx = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in full), indexing="ij"))
+    moving = (0.5 * idx[0] - 0.25 * idx[1] + 0.75 * idx[2] + 3.0)[None, None]
+    disp = torch.stack([0.02 * idx[1] + 0.3, -0.01 * idx[0] - 0.2, torch.full_like(idx[2], 0.4)])[None]
+    got = _warp_at(moving, disp, small)
+    expected = resize(warp(moving, disp), size=small)
+    assert got.shape == (1, 1, *small)
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1), slice(1, -1))  # away from the zero padding
+    torch.testing.assert_close(got[inner], expected[inner], rtol=0, atol=1e-4)
