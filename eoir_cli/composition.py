@@ -74,24 +74,26 @@ def compose_to_native(
     physical = np.linalg.inv(moving.affine) @ fixed.affine  # scanner coordinates, no registration
     u = torch.from_numpy(np.ascontiguousarray(network_disp, np.float32))[None]
     mov = torch.from_numpy(np.ascontiguousarray(moving.data, np.float32))[None, None]
-    mov01 = torch.from_numpy(np.ascontiguousarray(moving01, np.float32))[None, None]
     seg = torch.from_numpy(moving_seg.astype(np.float32))[None, None] if moving_seg is not None else None
-    out = NativeMaps(
-        disp=np.empty((3,) + shape, np.float32).transpose(1, 2, 3, 0),
-        warp_itk=np.empty((3,) + shape, np.float32).transpose(1, 2, 3, 0),
-        warped=np.empty(shape, np.float32), before=np.empty(shape, np.float32),
-        net_coords=np.empty((3,) + shape, np.float32),
-        warped_seg=np.empty(shape, np.int32) if seg is not None else None,
-        before_seg=np.empty(shape, np.int32) if seg is not None else None,
-    )
-    disp_first, itk_first = (torch.from_numpy(a.transpose(3, 0, 1, 2)) for a in (out.disp, out.warp_itk))
-    lps = torch.tensor(RAS_TO_LPS, dtype=torch.float32).view(3, 1, 1, 1)
     # Common special cases sampled by indexing instead of interpolation (same numbers, a fraction of
     # the time): a fixed grid that is the network grid up to a whole-voxel crop/pad, and a moving
     # image on the fixed image's own grid (the "before" picture is then the moving image itself).
     shift = integer_shift(to_net)
     physical_shift = integer_shift(physical)
     same_grid = fixed.shape == moving.shape and physical_shift is not None and not physical_shift.any()
+    out = NativeMaps(
+        disp=np.empty((3,) + shape, np.float32).transpose(1, 2, 3, 0),
+        warp_itk=np.empty((3,) + shape, np.float32).transpose(1, 2, 3, 0),
+        warped=np.empty(shape, np.float32),
+        before=np.asarray(moving01, np.float32) if same_grid else np.empty(shape, np.float32),
+        net_coords=np.empty((3,) + shape, np.float32),
+        warped_seg=np.empty(shape, np.int32) if seg is not None else None,
+        before_seg=(None if seg is None else np.asarray(moving_seg, np.int32) if same_grid
+                    else np.empty(shape, np.int32)),
+    )
+    disp_first, itk_first = (torch.from_numpy(a.transpose(3, 0, 1, 2)) for a in (out.disp, out.warp_itk))
+    lps = torch.tensor(RAS_TO_LPS, dtype=torch.float32).view(3, 1, 1, 1)
+    mov01 = None if same_grid else torch.from_numpy(np.ascontiguousarray(moving01, np.float32))[None, None]
     # float32 is ample: index error ~ 3e-5 voxels at 500 voxels from the origin.
     for start in range(0, shape[0], slab):
         stop = min(start + slab, shape[0])
@@ -110,9 +112,6 @@ def compose_to_native(
         if seg is not None:
             out.warped_seg[start:stop] = sample_at(seg, j, "nearest", "zeros")[0].round().int().numpy()
         if same_grid:
-            out.before[start:stop] = moving01[start:stop]
-            if seg is not None:
-                out.before_seg[start:stop] = moving_seg[start:stop]
             continue
         j0 = affine_points(physical, shape, start, stop)
         out.before[start:stop] = sample_at(mov01, j0, "bilinear", "zeros")[0].numpy()
