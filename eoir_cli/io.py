@@ -133,12 +133,15 @@ def _check_values(raw: np.ndarray, kind: Kind, name: str) -> np.ndarray:
                 raise VolumeError(f"{name}: expected integer labels, got NaN/Inf voxels")
             if not np.array_equal(raw, np.round(raw)):
                 raise VolumeError(f"{name}: expected integer labels, got fractional values")
-        return raw.astype(np.int32)
-    data = raw.astype(np.float32)
-    finite = np.isfinite(data)
-    if not finite.all():
-        bad = int(data.size - finite.sum())
-        raise VolumeError(f"{name}: expected finite intensities, got {bad} NaN/Inf voxels")
+        return np.ascontiguousarray(raw, dtype=np.int32)
+    # C order once here (nibabel hands over the file's x-fastest order): every later step (torch,
+    # slabs along axis 0) would otherwise make its own transposing copy.
+    data = np.ascontiguousarray(raw, dtype=np.float32)
+    if raw.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():
+            bad = int(data.size - finite.sum())
+            raise VolumeError(f"{name}: expected finite intensities, got {bad} NaN/Inf voxels")
     if float(data.max()) == float(data.min()):
         raise VolumeError(f"{name}: expected an image with contrast, got a constant image "
                           f"(all voxels = {data.flat[0]:g})")
