@@ -91,9 +91,9 @@ def ncc_loss(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9, eps: fl
         window: side of the cubic window in voxels (odd; 9 at full resolution in EOIR).
         eps: stabiliser added to the variance product.
         box: how the window sums are taken: ``"conv"`` (three 1-D grouped convolutions, the
-            training default) or ``"cumsum"`` (a cumulative sum and one difference per axis, cost
-            independent of the window; the same sums to float32 rounding, ~10 % faster instance
-            optimisation on CPU).
+            training default) or ``"cumsum"`` (no convolution: per axis shifted sums for windows up
+            to 7, a cumulative sum and one difference beyond; the same sums to float32 rounding,
+            the faster choice for instance optimisation on CPU).
 
     Returns:
         0-d tensor in ``[-1, 0]``.
@@ -133,9 +133,10 @@ def box_sum(maps: torch.Tensor, window: int, box: BoxSum = "conv") -> torch.Tens
     """Sum of every channel of ``(N, C, D, H, W)`` over the zero-padded ``window``³ box centred on each voxel.
 
     Separable: three 1-D passes cost 3·w instead of w³ multiply-adds per voxel (27 vs 729 at w = 9).
-    ``"conv"``: grouped 1-D convolutions. ``"cumsum"``: per axis a cumulative sum and one difference,
-    as an autograd function whose backward is the same box sum (the centred zero-padded box is
-    self-adjoint), without autograd's padded and flipped temporaries.
+    ``"conv"``: grouped 1-D convolutions. ``"cumsum"``: per axis shifted sums (windows up to
+    ``SHIFTED_BOX_MAX``) or a cumulative sum and one difference, as an autograd function whose
+    backward is the same box sum (the centred zero-padded box is self-adjoint), without autograd's
+    padded and flipped temporaries.
     """
     if box == "cumsum":
         return _CumsumBox.apply(maps, window)
@@ -151,16 +152,28 @@ def box_sum(maps: torch.Tensor, window: int, box: BoxSum = "conv") -> torch.Tens
     return maps
 
 
+SHIFTED_BOX_MAX = 7  # windows up to this side are summed from shifted copies, wider ones by a cumulative sum
+
+
 def _cumsum_box(maps: torch.Tensor, window: int) -> torch.Tensor:
     pad = window // 2
     for axis in range(3):
+        dim = 2 + axis
+        n = maps.shape[dim]
+        if window <= SHIFTED_BOX_MAX:
+            # w - 1 in-place adds of the shifted map, zeros beyond the border: at the refinement's
+            # window 5 ~3.5x faster than the scan below (a scan along the outermost axis is slow).
+            out = maps.clone()
+            for k in range(1, min(pad, n - 1) + 1):
+                out.narrow(dim, k, n - k).add_(maps.narrow(dim, 0, n - k))
+                out.narrow(dim, 0, n - k).add_(maps.narrow(dim, k, n - k))
+            maps = out
+            continue
         # Zero padding (pad + 1 before, pad after), cumulative sum, then S[i + w] - S[i]: the sum of
         # the zero-padded window centred on i, as the convolution computes it.
-        dim = 2 + axis
         widths = [0] * 6
         widths[2 * (2 - axis)], widths[2 * (2 - axis) + 1] = pad + 1, pad
         total = F.pad(maps, widths).cumsum(dim)
-        n = maps.shape[dim]
         maps = total.narrow(dim, window, n) - total.narrow(dim, 0, n)
     return maps
 

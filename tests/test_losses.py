@@ -157,9 +157,10 @@ def test_local_ncc_scores_many_images_as_ncc_loss_does(box: str) -> None:
         similarity(torch.zeros(1, 1, 9, 8, 9, dtype=torch.float64))
 
 
-def test_cumsum_box_sum_backward_is_its_adjoint() -> None:
+@pytest.mark.parametrize("window", [3, 5, 9])  # shifted sums up to 7, a scan beyond
+def test_cumsum_box_sum_is_the_convolution_and_its_backward_its_adjoint(window: int) -> None:
     from eoir_cli.losses import box_sum
 
-    x = torch.rand(1, 2, 5, 6, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v: box_sum(v, 3, "cumsum"), (x,))
-    torch.testing.assert_close(box_sum(x, 3, "cumsum"), box_sum(x, 3, "conv"))
+    x = torch.rand(1, 2, 5, 2, 6, dtype=torch.float64, requires_grad=True)  # an axis shorter than the window
+    assert torch.autograd.gradcheck(lambda v: box_sum(v, window, "cumsum"), (x,))
+    torch.testing.assert_close(box_sum(x, window, "cumsum"), box_sum(x, window, "conv"))
