@@ -85,6 +85,14 @@ def normalized_scale(size: Sequence[int], device: Any = None) -> Any:
 MIN_SPLIT_VOXELS = 32_768  # output voxels below which a grid sample is not worth splitting across threads
 
 
+def _onnx_exporting() -> bool:
+    """Inside ``torch.onnx.export`` (without importing ``torch.onnx`` where nothing exports: ~25 ms)."""
+    import sys
+
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
 def grid_sample(volume: Any, grid: Any, mode: str = "bilinear", padding: str = "zeros") -> Any:
     """``F.grid_sample(..., align_corners=True)`` with a CPU volume's output spread over PyTorch's threads.
 
@@ -102,7 +110,7 @@ def grid_sample(volume: Any, grid: Any, mode: str = "bilinear", padding: str = "
     threads = torch.get_num_threads()
     if (threads > 1 and grid.shape[0] == 1 and volume.shape[0] == 1 and grid.device.type == "cpu"
             and grid.numel() // 3 >= MIN_SPLIT_VOXELS and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling() and not torch.onnx.is_in_onnx_export()):
+            and not torch.compiler.is_compiling() and not _onnx_exporting()):
         parts = next(k for k in range(min(threads, depth), 0, -1) if depth % k == 0)
         if parts > 1:
             slabs = grid.reshape(parts, depth // parts, *grid.shape[2:])
