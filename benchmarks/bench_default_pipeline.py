@@ -65,7 +65,8 @@ def run(model: str, settings: list[dict[str, Any]], data: Path, threads: int | N
             mseg = data / "labelsTr" / moving.name
             res = register(fixed, moving, None, model=backend, moving_seg=mseg, affine=setting["affine"],
                            refine=setting["refine"], shape=(160, 224, 192), hd95=False, qc=False,
-                           **({"refine_coarse": setting["coarse"]} if "coarse" in setting else {}))
+                           **({"refine_coarse": setting["coarse"]} if "coarse" in setting else {}),
+                           **({"refine_search_int_steps": setting["search"]} if "search" in setting else {}))
             fixed_labels = load_volume(fseg, kind="label").data
             moving_labels = load_volume(mseg, kind="label").data
             before = metrics.mean_dice(moving_labels, fixed_labels, labels)
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coarse", type=int, nargs="*", default=None,
                         help="quarter-resolution steps before each --refine row's steps (one value per row "
                              "or one for all; default: the pipeline's)")
+    parser.add_argument("--search", type=int, nargs="*", default=None,
+                        help="squaring steps inside each --refine row's search (one value per row or one for all; "
+                             "default: the pipeline's)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -114,13 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     settings: list[dict[str, Any]] = []
     if not args.no_affine_row:
         settings.append({"name": "network", "affine": False, "refine": 0})
-    coarse = args.coarse or [None]
-    if len(coarse) not in (1, len(args.refine)):
-        parser.error(f"--coarse: expected 1 or {len(args.refine)} values, got {len(coarse)}")
-    for n, c in zip(args.refine, coarse * len(args.refine) if len(coarse) == 1 else coarse, strict=False):
+    per_row = {}
+    for option, values in (("coarse", args.coarse), ("search", args.search)):
+        values = values or [None]
+        if len(values) not in (1, len(args.refine)):
+            parser.error(f"--{option}: expected 1 or {len(args.refine)} values, got {len(values)}")
+        per_row[option] = values * len(args.refine) if len(values) == 1 else values
+    for n, c, q in zip(args.refine, per_row["coarse"], per_row["search"], strict=True):
         row = {"name": f"network+affine+refine{n}" if n else "network+affine", "affine": True, "refine": n}
         if c is not None and n:
             row.update(coarse=c, name=f"network+affine+coarse{c}+refine{n}")
+        if q is not None and n:
+            row.update(search=q, name=f"{row['name']}+search{q}")
         settings.append(row)
     if args.refine_only:
         settings.append({"name": f"affine+refine{args.refine_only} (no network)", "affine": True,

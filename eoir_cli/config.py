@@ -249,13 +249,14 @@ class TrainConfig:
 class PipelineDefaults:
     """Defaults of ``eoir register`` / ``eoir demo``, chosen by measurement (README, "Speed, and a busy CPU").
 
-    Refinement runs coarse to fine: 30 Adam steps at a quarter of the network grid (each ~1/8 the
-    cost of a half-resolution step), then 2 at half resolution, NCC window 5; the search integrates
-    with 2 squaring steps and the answer with 4; its updates pass through a Gaussian of 1 voxel
+    Refinement runs coarse to fine: 15 Adam steps at a quarter of the network grid (each ~1/8 the
+    cost of a half-resolution step), then 3 at half resolution, NCC window 5; the search integrates
+    with 1 squaring step and the answer with 4; its updates pass through a Gaussian of 1 voxel
     (issue 13: the same Dice, half the inverse's round-trip error). On the labelled sample brains
-    with the bundled network this reaches mean Dice 0.723 in ~2 s;
-    ``benchmarks/bench_default_pipeline.py --refine 2 --coarse 30`` re-measures it. The inverse
-    transform is an output chosen with ``--inverse`` (not a default: ~2 s per LUMIR-grid pair).
+    with the bundled network this reaches mean Dice 0.724 in ~1.2 s (30 + 2 steps with 2 squarings:
+    0.723 in ~1.8 s); ``benchmarks/bench_default_pipeline.py --refine 3 --coarse 15`` re-measures it.
+    The inverse transform is an output chosen with ``--inverse`` (not a default: ~1.5 s per
+    LUMIR-grid pair).
     """
 
     affine: bool = True
