@@ -63,8 +63,15 @@ def index_to_normalized(index: Any, size: Sequence[int]) -> Any:
 
     batched = index.dim() == 5
     # The original EOIR arithmetic, 2 * (p / (n - 1) - 0.5), so warps match it bit for bit.
-    norm = [2 * ((index[:, a] if batched else index[a]) / max(size[a] - 1, 1) - 0.5) for a in range(3)]
-    return torch.stack(norm[::-1], dim=-1)
+    if torch.is_grad_enabled() and index.requires_grad:
+        norm = [2 * ((index[:, a] if batched else index[a]) / max(size[a] - 1, 1) - 0.5) for a in range(3)]
+        return torch.stack(norm[::-1], dim=-1)
+    # Without a graph: the same three operations, the last one written into the grid (no stacked copy).
+    channels = [index[:, a] if batched else index[a] for a in range(3)]
+    out = torch.empty((*channels[0].shape, 3), dtype=index.dtype, device=index.device)
+    for a, channel in enumerate(channels):
+        torch.mul(channel.div(max(size[a] - 1, 1)).sub_(0.5), 2, out=out[..., 2 - a])
+    return out
 
 
 def normalized_to_index(grid: Any, size: Sequence[int]) -> Any:

@@ -152,3 +152,18 @@ def test_affine_points_are_the_affine_of_the_index_grid(seed: int, start: int, p
     assert got.shape == (3, planes, 7, 5) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(affine_points(matrix, shape)[:, start:start + planes], got)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_index_to_normalized_is_the_original_arithmetic_with_and_without_a_graph(batched: bool) -> None:
+    """Bit for bit 2 * (p / (n - 1) - 0.5), stacked in (W, H, D) order, whether or not autograd records it."""
+    from eoir_cli.coords import index_to_normalized
+
+    gen = torch.Generator().manual_seed(1)
+    index = torch.randn(*((2,) if batched else ()), 3, 4, 5, 6, generator=gen) * 60
+    size = (160, 1, 192)  # an axis of one voxel divides by 1
+    channels = [index[:, a] if batched else index[a] for a in range(3)]
+    expected = torch.stack([2 * (c / max(n - 1, 1) - 0.5) for c, n in zip(channels, size, strict=True)][::-1], -1)
+    assert torch.equal(index_to_normalized(index, size), expected)
+    traced = index_to_normalized(index.clone().requires_grad_(True), size)
+    assert traced.requires_grad and torch.equal(traced.detach(), expected)
