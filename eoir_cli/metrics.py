@@ -69,10 +69,11 @@ def scored_labels(fixed_seg: np.ndarray, moving_seg: np.ndarray, labels: Iterabl
     return [int(v) for v in values if v != 0]
 
 
-def _label_list(pred: np.ndarray, target: np.ndarray, labels: Iterable[int] | None) -> list[int]:
+def _label_list(maps: Sequence[np.ndarray], labels: Iterable[int] | None) -> list[int]:
+    """``labels``, or every non-zero value present in any of the label ``maps``."""
     if labels is not None:
         return [int(v) for v in labels]
-    values = np.union1d(_present_labels(pred), _present_labels(target))
+    values = functools.reduce(np.union1d, [_present_labels(m) for m in maps])
     return [int(v) for v in values if v != 0]
 
 
@@ -123,11 +124,7 @@ def dice_per_label_each(preds: Sequence[np.ndarray], target: np.ndarray,
     if not checked:
         return []
     target = checked[0][1]
-    if labels is None:
-        present = [_present_labels(target)] + [_present_labels(pred) for pred, _ in checked]
-        wanted = [int(v) for v in functools.reduce(np.union1d, present) if v != 0]
-    else:
-        wanted = [int(v) for v in labels]
+    wanted = _label_list([target, *(pred for pred, _ in checked)], labels)
     # One pass over the volume for all labels: the joint histogram of label positions (pred x
     # target) instead of three full-volume comparisons per label; its margins are the label
     # volumes, its diagonal the overlaps.
@@ -192,7 +189,7 @@ def hd95_per_label(
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing: expected 3 positive values in mm, got {spacing}")
     out: dict[int, float] = {}
-    for label in _label_list(pred, target, labels):
+    for label in _label_list([pred, target], labels):
         p, t = pred == label, target == label
         has_p, has_t = bool(p.any()), bool(t.any())
         if not has_p and not has_t:
