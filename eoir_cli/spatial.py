@@ -223,10 +223,41 @@ def compose(outer: torch.Tensor, inner: torch.Tensor, sampler: Sampler = "torch"
 
 def resize(image: torch.Tensor, size: Sequence[int] | None = None, scale: Sequence[float] | None = None,
            mode: str = "trilinear") -> torch.Tensor:
-    """Resample ``(N, C, D, H, W)`` to ``size`` (or by ``scale``) with align_corners=True geometry."""
+    """Resample ``(N, C, D, H, W)`` to ``size`` (or by ``scale``) with align_corners=True geometry.
+
+    Enlarging a CPU volume outside autograd and export (the network's flow to full size, the
+    refinement's field to the network grid) interpolates one axis at a time (:func:`_upsample_axis`):
+    the same trilinear values to float32 rounding (~1e-7 relative), 2-4x faster than PyTorch's CPU
+    kernel at 40×56×48×3 -> 160×224×192.
+    """
     if mode == "nearest":
         return F.interpolate(image, size=size, scale_factor=scale, mode="nearest")
+    if (mode == "trilinear" and image.dim() == 5 and image.device.type == "cpu" and image.is_floating_point()
+            and not (torch.is_grad_enabled() and image.requires_grad) and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()):
+        out_size = ([int(v) for v in size] if size is not None
+                    else [math.floor(n * float(f)) for n, f in zip(image.shape[2:], scale or (), strict=True)])
+        if math.prod(out_size) > math.prod(image.shape[2:]):
+            for dim in (4, 3, 2):  # the smallest result first: W, then H, then D
+                image = _upsample_axis(image, dim, out_size[dim - 2])
+            return image
     return F.interpolate(image, size=size, scale_factor=scale, mode=mode, align_corners=True)
+
+
+def _upsample_axis(image: torch.Tensor, dim: int, out: int) -> torch.Tensor:
+    """Linear interpolation along one axis, align_corners geometry, PyTorch's weights (float32 scale)."""
+    n = image.shape[dim]
+    if n == out:
+        return image
+    scale = torch.tensor(float(n - 1), dtype=torch.float32) / (out - 1) if out > 1 else torch.tensor(0.0)
+    src = scale * torch.arange(out, dtype=torch.float32)
+    low = src.long().clamp_(max=n - 1)
+    high = (low + 1).clamp_(max=n - 1)
+    w_high = (src - low.float()).to(image.dtype)
+    shape = [1] * image.dim()
+    shape[dim] = out
+    lower = image.index_select(dim, low).mul_((1 - w_high).view(shape))
+    return torch.addcmul(lower, image.index_select(dim, high), w_high.view(shape))
 
 
 def resize_disp(disp: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -227,3 +227,23 @@ def test_cached_identity_grid_is_the_normalised_index_grid_bit_for_bit(out_size,
     expected = index_to_normalized(identity_grid(out_size, dtype=torch.float64), in_size).float()
     got = _normalized_identity(out_size, in_size, "cpu")
     assert got.shape == (1, *out_size, 3) and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(("shape", "size", "scale"), [((1, 3, 5, 7, 6), (17, 22, 20), None),
+                                                    ((2, 1, 4, 3, 5), None, (2.0, 2.0, 2.0)),
+                                                    ((1, 2, 1, 4, 3), (3, 9, 5), None)])
+def test_enlarging_resize_is_pytorchs_trilinear_interpolation(shape, size, scale) -> None:
+    """The one-axis-at-a-time path (inference, enlarging) gives F.interpolate's values to float32 rounding,
+    and a volume that records gradients keeps PyTorch's kernel."""
+    import torch.nn.functional as F
+
+    from eoir_cli.spatial import resize
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    expected = F.interpolate(x, size=size, scale_factor=scale, mode="trilinear", align_corners=True)
+    got = resize(x, size=size, scale=scale)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    traced = resize(x.clone().requires_grad_(True), size=size, scale=scale)
+    assert traced.requires_grad
+    torch.testing.assert_close(traced.detach(), expected, rtol=0, atol=0)
