@@ -201,12 +201,14 @@ def staging(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def check_outputs_are_not_inputs(out_dir: Path, inputs: Sequence[Volume | None], names: Sequence[str]) -> None:
-    """Refuse an output folder where an output name would replace one of the input files."""
+def check_outputs_are_not_inputs(out_dir: Path, inputs: Sequence[Volume | str | os.PathLike[str] | None],
+                                 names: Sequence[str]) -> None:
+    """Refuse an output folder where an output name would replace one of the input files (volumes or paths)."""
     targets = {(out_dir / n).resolve() for n in names}
-    for vol in inputs:
-        if vol is not None and vol.path is not None and vol.path.resolve() in targets:
-            raise EoirError(f"output folder {out_dir} would overwrite the input {vol.path}; choose another -o")
+    for item in inputs:
+        path = item.path if isinstance(item, Volume) else Path(item) if item is not None else None
+        if path is not None and path.resolve() in targets:
+            raise EoirError(f"output folder {out_dir} would overwrite the input {path}; choose another -o")
 
 
 class EarlyWriter:

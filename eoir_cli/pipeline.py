@@ -97,6 +97,33 @@ def _as_volume(x: Volume | str | os.PathLike[str] | None, kind: str, what: str) 
     return load_volume(x, kind=kind, what=what)  # type: ignore[arg-type]
 
 
+class _LabelMaps:
+    """The moving and fixed label maps (paths, volumes or None), files read on a thread from construction.
+
+    ``sources`` are what the caller gave (for the output-folder check); :meth:`get` waits for the
+    volumes and raises their reading errors (one line, as :func:`load_volume` words them).
+    """
+
+    def __init__(self, moving_seg: Volume | str | os.PathLike[str] | None,
+                 fixed_seg: Volume | str | os.PathLike[str] | None) -> None:
+        self.sources = [moving_seg, fixed_seg]
+        self._args = ((moving_seg, "moving-seg"), (fixed_seg, "fixed-seg"))
+        self._future = None
+        if any(x is not None and not isinstance(x, Volume) for x, _ in self._args):
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(1, thread_name_prefix="eoir-labels")
+            self._future = pool.submit(self._read)
+            pool.shutdown(wait=False)
+
+    def _read(self) -> tuple[Volume | None, Volume | None]:
+        moving, fixed = (_as_volume(x, "label", what) for x, what in self._args)
+        return moving, fixed
+
+    def get(self) -> tuple[Volume | None, Volume | None]:
+        return self._future.result() if self._future is not None else self._read()
+
+
 def _seg_metrics(before: np.ndarray, after: np.ndarray, fixed_seg: np.ndarray, moving_seg: np.ndarray,
                  spacing: Sequence[float], hd95: bool, labels: Sequence[int] | None = None) -> dict[str, Any]:
     from eoir_cli import metrics
@@ -250,13 +277,10 @@ def register(
     with timer("load"):
         fixed_v = _as_volume(fixed, "image", "fixed")
         moving_v = _as_volume(moving, "image", "moving")
-        mseg = _as_volume(moving_seg, "label", "moving-seg")
-        fseg = _as_volume(fixed_seg, "label", "fixed-seg")
         assert fixed_v is not None and moving_v is not None
-        if mseg is not None:
-            check_same_grid(mseg, moving_v, "moving-seg")
-        if fseg is not None:
-            check_same_grid(fseg, fixed_v, "fixed-seg")
+        # The label maps are read on a thread while the images are normalised and the affine is fitted
+        # (one core is idle then); their errors are raised before the network runs (_LabelMaps.get).
+        label_maps = _LabelMaps(moving_seg, fixed_seg)
         if lumir:
             for what, vol in (("fixed", fixed_v), ("moving", moving_v)):
                 if vol.shape != LUMIR_SHAPE:
@@ -268,7 +292,7 @@ def register(
             ids = [case_id(v.path) if v.path is not None else "array" for v in (fixed_v, moving_v)]
             names.append(f"disp_{ids[0]}_{ids[1]}.nii.gz")
         if out_dir is not None:
-            check_outputs_are_not_inputs(Path(out_dir), [fixed_v, moving_v, mseg, fseg], names)
+            check_outputs_are_not_inputs(Path(out_dir), [fixed_v, moving_v, *label_maps.sources], names)
             check_output_folder(out_dir, names, overwrite)
             clean_stale_staging(out_dir)
     if refine is None:
@@ -324,6 +348,12 @@ def register(
     with timer("preprocess"):
         moving_net = resample_affine(moving01, np.linalg.inv(moving_v.affine) @ transform @ grid.affine, grid.shape,
                                      sigma=antialias_sigma(moving_v.spacing, grid.spacing))
+    with timer("load"):
+        mseg, fseg = label_maps.get()
+        if mseg is not None:
+            check_same_grid(mseg, moving_v, "moving-seg")
+        if fseg is not None:
+            check_same_grid(fseg, fixed_v, "fixed-seg")
     with timer("network"):
         from eoir_cli.inference import run_pair
 

@@ -402,6 +402,8 @@ def _bad_files(tmp: Path, pair: dict[str, Path]) -> dict[str, tuple[list[str], s
         "constant": ([f, str(tmp / "const.nii.gz")], "constant image"),
         "seg-shape": ([f, m, "--fixed-seg", str(tmp / "seg_shape.nii.gz")], "expected the shape of its image"),
         "seg-geometry": ([f, m, "--fixed-seg", str(tmp / "seg_geom.nii.gz")], "geometry"),
+        "seg-missing": ([f, m, "--moving-seg", str(tmp / "nope_seg.nii.gz")], "no such file"),
+        "seg-unreadable": ([f, m, "--fixed-seg", str(tmp / "text.nii.gz")], "not a readable NIfTI"),  # on a thread
         "corrupt-model": ([f, m, "--model", str(tmp / "corrupt.pt")], "corrupt.pt: "),
         "hostile-model": ([f, m, "--model", str(tmp / "hostile.pt")], "refused to load"),
         "unknown-suffix": ([f, m, "--model", str(tmp / "model.xyz")], "unknown model suffix"),
