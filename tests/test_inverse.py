@@ -187,3 +187,19 @@ def test_fit_rejects_mismatched_samples() -> None:
         fit_inverse(inverse, torch.zeros(1, 3, 5, 1, 1), torch.zeros(1, 3, 4, 1, 1))
     with pytest.raises(ValueError, match="fit_inverse"):
         fit_inverse(torch.zeros(1, 2, 8, 8, 8), torch.zeros(1, 3, 4, 1, 1), torch.zeros(1, 3, 4, 1, 1))
+
+
+def test_jacobian_step_is_the_per_voxel_matrix_product() -> None:
+    """(I + J) f from the 9 row-major channels or from the columns spatial_gradient gives, = the 3x3 product."""
+    from eoir_cli.coords import spatial_gradient
+    from eoir_cli.inverse import _jacobian_step, inverse_gradient
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(2, 3, 5, 6, 4, generator=gen, dtype=torch.float64)
+    f = torch.randn(2, 3, 5, 6, 4, generator=gen, dtype=torch.float64)
+    jac = inverse_gradient(w)
+    matrices = jac.permute(0, 2, 3, 4, 1).reshape(-1, 3, 3)
+    vectors = f.permute(0, 2, 3, 4, 1).reshape(-1, 3, 1)
+    expected = (vectors + matrices @ vectors).reshape(2, 5, 6, 4, 3).permute(0, 4, 1, 2, 3)
+    torch.testing.assert_close(_jacobian_step(jac, f), expected)
+    torch.testing.assert_close(_jacobian_step(spatial_gradient(w), f), expected)
