@@ -227,7 +227,6 @@ def nifti_parts(img: Any, data: np.ndarray) -> tuple[bytes, memoryview]:
     return head.getvalue(), memoryview(body.T.reshape(-1)).cast("B")
 
 
-
 def write_gzip_parallel(path: str | os.PathLike[str], data: Any, level: int = GZIP_LEVEL,
                         threads: int | None = None, chunk: int = GZIP_CHUNK) -> None:
     """Write ``data`` gzip-compressed, compressing ``chunk``-byte pieces on ``threads`` threads.

@@ -63,10 +63,7 @@ def scored_labels(fixed_seg: np.ndarray, moving_seg: np.ndarray, labels: Iterabl
     ``labels`` when given (``--labels``, or the manifest's ``labels_eval`` that the caller passes in),
     else every non-zero value present in the fixed or the moving label map.
     """
-    if labels is not None:
-        return [int(v) for v in labels]
-    values = np.union1d(_present_labels(fixed_seg), _present_labels(moving_seg))
-    return [int(v) for v in values if v != 0]
+    return _label_list([fixed_seg, moving_seg], labels)
 
 
 def _label_list(maps: Sequence[np.ndarray], labels: Iterable[int] | None) -> list[int]:
