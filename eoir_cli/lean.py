@@ -28,68 +28,81 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eoir_cli.spatial import Sampler, SamplerFn, get_sampler, integrate, resize, sample_torch_cached
+from eoir_cli.spatial import Sampler, SamplerFn, get_sampler, integrate, resize, sample_rows, sample_torch_cached
 
-# Slabs of at most this many bytes (float32) keep each normalisation pass inside the L2/L3 caches on a
-# CPU; on a GPU, where each slab is a kernel launch, they only bound the float32 temporary.
-_SLAB_BYTES = 8 * 2**20
-_SLAB_BYTES_GPU = 512 * 2**20
-# Convolutions over 32 planes or more run in slabs of at most this size, at least 8 of them (see _conv).
-_CONV_SLAB_BYTES = 96 * 2**20
+# Blocks of voxel rows (float32 bytes) that the statistics and the normalisation work through: a block
+# stays in the caches on a CPU; on a GPU, where each block is a kernel launch, it only bounds the temporary.
+_BLOCK_BYTES = 4 * 2**20
+_BLOCK_BYTES_GPU = 512 * 2**20
 # Channels warped per grid_sample call when features are stored in a reduced precision (each chunk is
 # upcast to float32, so this bounds the temporary to chunk/C of the feature map).
 _WARP_CHUNK = 8
 
 
-def _slabs(x: torch.Tensor) -> list[slice]:
-    """Slices along dim 2 whose float32 size stays below ``_SLAB_BYTES`` (at least one plane each)."""
-    plane = x.shape[0] * x.shape[1] * x.shape[3] * x.shape[4] * 4
-    step = max(1, (_SLAB_BYTES if x.device.type == "cpu" else _SLAB_BYTES_GPU) // max(plane, 1))
-    return [slice(a, min(a + step, x.shape[2])) for a in range(0, x.shape[2], step)]
+def _voxel_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, D, H, W)`` -> a ``(N, D*H*W, C)`` view (no copy for channels_last_3d or NCDHW storage)."""
+    return x.permute(0, 2, 3, 4, 1).flatten(1, 3)
+
+
+def _row_blocks(rows: torch.Tensor) -> list[slice]:
+    """Slices of dim 1 of ``(N, V, C)`` rows, each at most ``_BLOCK_BYTES`` in float32 (at least one row)."""
+    limit = _BLOCK_BYTES if rows.device.type == "cpu" else _BLOCK_BYTES_GPU
+    step = max(1, limit // (4 * rows.shape[0] * rows.shape[2]))
+    return [slice(a, min(a + step, rows.shape[1])) for a in range(0, rows.shape[1], step)]
 
 
 def instance_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(sample, channel) mean and biased variance of ``x`` ``(N, C, D, H, W)``, in float32.
 
-    Computed slab by slab in float32 and combined pairwise (Chan et al.), so a bfloat16 tensor never
-    needs a full float32 copy and the statistics keep float32 accuracy.
+    Two passes over the voxels as rows of channels (``_voxel_rows``), a cache-sized block of rows at
+    a time: the sums in float32 per block and float64 across blocks, then the squared deviations from
+    that mean (no cancellation however large the mean). A bfloat16 tensor never gets a full float32
+    copy. ``torch.var_mean`` over the spatial dims of a channels_last tensor reduces along strided
+    axes and took ~6x as long (160 vs 25 ms for 64 channels at 80x112x96 on 2 cores).
 
     Returns:
         ``(mean, var)``, each ``(N, C, 1, 1, 1)`` float32.
     """
-    count = 0
-    mean = m2 = None
-    for sl in _slabs(x):
-        part = x[:, :, sl].float()
-        var_s, mean_s = torch.var_mean(part, dim=(2, 3, 4), keepdim=True, correction=0)
-        n_s = part.shape[2] * part.shape[3] * part.shape[4]
-        var_s, mean_s = var_s.double(), mean_s.double()
-        if mean is None:
-            mean, m2 = mean_s, var_s * n_s
-        else:
-            delta = mean_s - mean
-            total = count + n_s
-            mean = mean + delta * (n_s / total)
-            m2 = m2 + var_s * n_s + delta * delta * (count * n_s / total)
-        count += n_s
-    assert mean is not None and m2 is not None  # a tensor has at least one slab
-    return mean.float(), (m2 / count).float()
+    rows = _voxel_rows(x)
+    n, count, c = rows.shape
+    blocks = _row_blocks(rows)
+    total = torch.zeros(n, 1, c, dtype=torch.float64, device=x.device)
+    for block in blocks:
+        total += torch.sum(rows[:, block], dim=1, keepdim=True, dtype=torch.float32)
+    mean = (total / count).float()
+    squares = torch.zeros_like(total)
+    work = torch.empty((n, blocks[0].stop, c), dtype=torch.float32, device=x.device)
+    for block in blocks:
+        part = work[:, : block.stop - block.start]
+        torch.sub(rows[:, block], mean, out=part)
+        squares += torch.linalg.vecdot(part, part, dim=1).unsqueeze(1)
+    var = (squares / count).float()
+    shape = (n, c, 1, 1, 1)
+    return mean.view(shape), var.view(shape)
 
 
 def instance_norm_(x: torch.Tensor, eps: float = 1e-5, slope: float | None = None) -> torch.Tensor:
     """In-place ``InstanceNorm3d`` (no affine) followed by ``PReLU(slope)`` when ``slope`` is given.
 
     Equal to ``F.prelu(F.instance_norm(x, eps=eps), slope)`` up to float rounding; the statistics
-    are float32 (:func:`instance_stats`), the normalisation runs in float32 per slab and is stored
-    back in ``x``'s dtype. Inference only (``x`` is overwritten).
+    are float32 (:func:`instance_stats`), the normalisation ``x * rstd - mean * rstd`` is one float32
+    ``addcmul`` per block of voxel rows (a bfloat16 block goes through a reused float32 buffer) and is
+    stored back in ``x``'s dtype. Rows of channels make the per-channel factors a broadcast along the
+    fastest axis: 64 channels at 80x112x96 normalise in 12 ms instead of 63 ms (bfloat16) through
+    channels_last slabs. Inference only (``x`` is overwritten).
     """
     mean, var = instance_stats(x)
     rstd = (var + eps).rsqrt()
     shift = -mean * rstd
-    for sl in _slabs(x):
-        part = x[:, :, sl]
-        work = part if part.dtype == torch.float32 else part.float()
-        work.mul_(rstd).add_(shift)
+    rows = _voxel_rows(x)
+    blocks = _row_blocks(rows)
+    n, c = rows.shape[0], rows.shape[2]
+    rstd, shift = rstd.view(n, 1, c), shift.view(n, 1, c)
+    buffer = None if x.dtype == torch.float32 else torch.empty((n, blocks[0].stop, c), device=x.device)
+    for block in blocks:
+        part = rows[:, block]
+        work = part if buffer is None else buffer[:, : block.stop - block.start].copy_(part)
+        torch.addcmul(shift, work, rstd, out=work)
         if slope is not None:
             F.leaky_relu_(work, slope)
         if work is not part:
@@ -112,33 +125,42 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     return F.conv3d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
-def _conv(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` (stride 1, 'same' padding) with the weights in ``x``'s dtype, output in channels_last_3d.
+def _conv(conv: nn.Conv3d, x: torch.Tensor, in_channels: int | None = None,
+          out_channels: int | None = None) -> torch.Tensor:
+    """``conv(x)`` with the weights in ``x``'s dtype and the output in channels_last_3d, in one call.
 
-    Large inputs are convolved in slabs along dim 2 (each with its halo of ``k // 2`` planes, zeros
-    beyond the volume) written into one output: oneDNN's reorder of its input (a copy of the whole
-    input for some channel counts) then only ever holds one slab. The weight's layout decides the
-    output's for a one-channel input (whose strides fit both layouts), hence channels_last weights.
+    Args:
+        conv: the layer (any stride/padding; its weights are not modified).
+        x: ``(N, C, D, H, W)`` with C = ``in_channels`` (default ``conv.in_channels``).
+        in_channels, out_channels: run the layer with zero input channels appended (``x`` carries
+            them) or zero output channels appended (weights and bias 0, so those outputs are 0):
+            the same numbers, in shapes oneDNN runs faster.
+
+    A one-channel input is given a zero second channel: oneDNN's kernel for one input channel writes
+    NCDHW and reorders it (an output-sized copy) at ~1.3 GB/s, while two channels write channels_last
+    directly (49 vs 82 ms for 1 -> 32 at 80x112x96 in float32). A channels_last multi-channel input with
+    channels_last weights is convolved without any reorder, so the whole volume is one call (slabs
+    with halos, the previous way, cost 10-30 % in copies).
     """
-    weight = conv.weight.to(x.dtype).contiguous(memory_format=torch.channels_last_3d)
+    cin, cout = in_channels or conv.in_channels, out_channels or conv.out_channels
+    if x.shape[1] == 1 and cin == 1:
+        two = torch.empty((x.shape[0], 2, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last_3d)
+        two[:, :1] = x
+        two[:, 1:] = 0
+        return _conv(conv, two, 2, out_channels)
+    weight = conv.weight.to(x.dtype)
     bias = conv.bias.to(x.dtype) if conv.bias is not None else None
-    halo = conv.padding[0]
-    plane = x.shape[0] * max(x.shape[1], conv.out_channels) * x.shape[3] * x.shape[4] * x.element_size()
-    step = max(1, min(_CONV_SLAB_BYTES // max(plane, 1), x.shape[2] // 8))
-    if x.shape[2] < 32 or conv.stride != (1, 1, 1) or conv.groups != 1 or conv.dilation != (1, 1, 1):
-        return conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    depth = x.shape[2]
-    out = torch.empty((x.shape[0], conv.out_channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last_3d)
-    padding = (0, conv.padding[1], conv.padding[2])
-    for a in range(0, depth, step):
-        b = min(a + step, depth)
-        lo, hi = max(a - halo, 0), min(b + halo, depth)
-        part = x[:, :, lo:hi]
-        if lo > a - halo or hi < b + halo:  # zero planes beyond the volume, as the 'same' padding has
-            part = F.pad(part, (0, 0, 0, 0, lo - (a - halo), (b + halo) - hi))
-        out[:, :, a:b] = conv3d(part, weight, bias, (1, 1, 1), padding)
-    return out
+    if (cout, cin) != weight.shape[:2]:
+        padded = weight.new_zeros((cout, cin, *weight.shape[2:]))
+        padded[: weight.shape[0], : weight.shape[1]] = weight
+        weight = padded
+        if bias is not None:
+            bias = torch.cat([bias, bias.new_zeros(cout - bias.shape[0])])
+    weight = weight.contiguous(memory_format=torch.channels_last_3d)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    out = conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return out.contiguous(memory_format=torch.channels_last_3d)
 
 
 def _slope(prelu: nn.PReLU) -> float:
@@ -220,8 +242,10 @@ def estimate_velocity(estimator: nn.Module, features: list[torch.Tensor]) -> tor
     else:
         h = F.relu_(large_kernel_block(first, both))
     del both
-    h = F.relu_(_conv(second, h))
-    return _conv(estimator.to_velocity, h.float())
+    # 27 hidden channels computed as 32 (5 zero channels): oneDNN's blocked kernels run 32 faster than 27.
+    hidden = -(-second.out_channels // 16) * 16
+    h = F.relu_(_conv(second, h, out_channels=hidden))
+    return _conv(estimator.to_velocity, h.float(), in_channels=hidden)
 
 
 def forward_lean(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, dtype: torch.dtype = torch.float32,
@@ -244,6 +268,8 @@ def forward_lean(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, dt
     config = model.config
     chosen = model.sampler if sampler is None else sampler
     warp_fn = sample_torch_cached if chosen == "torch" else get_sampler(chosen)
+    # One CPU pair: feature maps are warped as rows of channels (sample_rows), in their own dtype.
+    rows = chosen == "torch" and moving.device.type == "cpu" and moving.shape[0] == 1
     xs = [encode(model.encoder, moving, dtype)]
     ys = [encode(model.encoder, fixed, dtype)]
     down = [1.0 / f for f in config.level_factors]
@@ -255,7 +281,10 @@ def forward_lean(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, dt
     up = None
     disp = None
     for level in reversed(range(config.levels)):
-        moving_features = xs[level] if up is None else warp_features(xs[level], up, warp_fn)
+        if up is None:
+            moving_features = xs[level]
+        else:
+            moving_features = sample_rows(xs[level], up) if rows else warp_features(xs[level], up, warp_fn)
         features = [moving_features, ys[level]]
         xs[level] = ys[level] = moving_features = None  # type: ignore[call-overload]
         velocity = estimate_velocity(model.estimators[level], features)

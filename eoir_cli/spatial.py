@@ -165,6 +165,61 @@ def sample_gather(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear
     return torch.stack(outs)
 
 
+# Output voxels per embedding_bag call in sample_rows: bounds its (P, 8) indices and weights to 32 MB.
+_ROWS_SLAB_VOXELS = 2**20
+
+
+def sample_rows(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Trilinear warp of a multi-channel map as one weighted sum of 8 rows per voxel (inference).
+
+    The image is read as rows of channels (``(D*H*W, C)``, a view of channels_last storage) and each
+    output voxel is ``F.embedding_bag`` of its 8 corner rows with the trilinear weights: one pass
+    that reads whole rows, vectorised over the channels, in the image's dtype (float32 or
+    bfloat16, accumulated in float32). Corners come from :func:`_axis_corners` (the gather
+    sampler's), from float32 voxel coordinates: no ``[-1, 1]`` normalisation, so a zero or integer
+    field reproduces the image exactly. Same convention as :func:`sample_torch` (≤ 1e-4 in float32 on
+    32 channels of O(1) values); 1.4-2x faster than ``grid_sample`` for 32 channels at 80x112x96 on
+    2 cores (2.5x with bfloat16 storage, which ``grid_sample`` cannot take).
+
+    Args:
+        image: ``(1, C, D, H, W)``; channels_last_3d storage avoids a copy.
+        disp: ``(1, 3, D, H, W)`` voxels, on the image's own grid.
+        mode: ``"bilinear"`` only.
+
+    Returns:
+        ``(1, C, D, H, W)`` in ``image``'s dtype, channels_last_3d.
+    """
+    if mode != "bilinear" or image.shape[0] != 1 or disp.shape[2:] != image.shape[2:]:
+        raise ValueError(f"sample_rows: expected one image warped on its own grid with 'bilinear', got image "
+                         f"{tuple(image.shape)}, disp {tuple(disp.shape)}, mode {mode!r}")
+    size = tuple(image.shape[2:])
+    strides = (size[1] * size[2], size[2], 1)
+    rows = image.permute(0, 2, 3, 4, 1).reshape(-1, image.shape[1])
+    out = torch.empty((1, image.shape[1], *size), dtype=image.dtype, device=image.device,
+                      memory_format=torch.channels_last_3d)
+    out_rows = out.permute(0, 2, 3, 4, 1).view(-1, image.shape[1])
+    step = max(1, _ROWS_SLAB_VOXELS // (size[1] * size[2]))
+    for a in range(0, size[0], step):
+        b = min(a + step, size[0])
+        index = weight = None
+        for axis in range(3):
+            shape = [b - a, size[1], size[2]]
+            ramp = torch.arange(a if axis == 0 else 0, b if axis == 0 else size[axis], dtype=torch.float32,
+                                device=disp.device)
+            view = [1, 1, 1]
+            view[axis] = ramp.numel()
+            coord = (disp[0, axis, a:b].float() + ramp.view(view)).expand(shape).reshape(-1)
+            corners = _axis_corners(coord, size[axis], strides[axis], "bilinear")
+            i = torch.stack([corner[0] for corner in corners], -1)
+            w = torch.stack([corner[1] for corner in corners], -1)
+            index = i if index is None else (index.unsqueeze(-1) + i.unsqueeze(-2)).flatten(-2)
+            weight = w if weight is None else (weight.unsqueeze(-1) * w.unsqueeze(-2)).flatten(-2)
+        assert index is not None and weight is not None
+        out_rows[a * strides[0]:b * strides[0]] = F.embedding_bag(
+            index, rows, per_sample_weights=weight.to(rows.dtype), mode="sum")
+    return out
+
+
 _SAMPLER_FNS: dict[str, SamplerFn] = {"torch": sample_torch, "gather": sample_gather}
 
 

@@ -31,12 +31,12 @@ def _pair(size: tuple[int, int, int], seed: int = 1) -> tuple[torch.Tensor, torc
 
 
 @pytest.fixture
-def small_slabs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Slabs of a few planes, so the tests cover the pairwise combination across many slabs."""
-    monkeypatch.setattr(lean, "_SLAB_BYTES", 4 * 6 * 7 * 3 * 4)
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of a few voxel rows, so the tests cover the combination across many blocks (and a short last one)."""
+    monkeypatch.setattr(lean, "_BLOCK_BYTES", 4 * 5 * 11)
 
 
-def test_instance_stats_are_float32_accurate_for_bfloat16_storage(small_slabs: None) -> None:
+def test_instance_stats_are_float32_accurate_for_bfloat16_storage(small_blocks: None) -> None:
     gen = torch.Generator().manual_seed(0)
     # A large mean over a small spread: bf16 statistics would lose it (8 mantissa bits), fp32 ones must not.
     x = (100 + torch.randn(2, 3, 13, 6, 7, generator=gen)).to(torch.bfloat16).contiguous(memory_format=CL)
@@ -48,7 +48,7 @@ def test_instance_stats_are_float32_accurate_for_bfloat16_storage(small_slabs: N
 
 
 @pytest.mark.parametrize("slope", [None, 0.25])
-def test_instance_norm_in_place_equals_instance_norm_then_prelu(small_slabs: None, slope: float | None) -> None:
+def test_instance_norm_in_place_equals_instance_norm_then_prelu(small_blocks: None, slope: float | None) -> None:
     gen = torch.Generator().manual_seed(1)
     x = (3 * torch.randn(1, 5, 9, 6, 7, generator=gen) + 2).contiguous(memory_format=CL)
     expected = F.instance_norm(x, eps=1e-5)
@@ -59,7 +59,7 @@ def test_instance_norm_in_place_equals_instance_norm_then_prelu(small_slabs: Non
     assert out.is_contiguous(memory_format=CL)
 
 
-def test_instance_norm_in_place_bfloat16_is_within_bf16_rounding() -> None:
+def test_instance_norm_in_place_bfloat16_is_within_bf16_rounding(small_blocks: None) -> None:
     gen = torch.Generator().manual_seed(2)
     x = (3 * torch.randn(1, 4, 8, 8, 8, generator=gen) + 50).to(torch.bfloat16)
     expected = F.prelu(F.instance_norm(x.float()), torch.tensor([0.2]))
@@ -145,3 +145,21 @@ def test_onednn_conv3d_equals_torch_conv3d(cin: int, cout: int, size: tuple[int,
     tol = 1e-4 if dtype == torch.float32 else 0.05 * ref.abs().max().item()
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours.float(), ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("cin", "cout", "pad_in", "pad_out"), [(1, 8, None, None), (6, 5, None, 16), (5, 3, 8, None)])
+def test_conv_with_zero_padded_channels_equals_the_layer(cin: int, cout: int, pad_in: int | None,
+                                                         pad_out: int | None, dtype: torch.dtype) -> None:
+    torch.manual_seed(cin)
+    conv = torch.nn.Conv3d(cin, cout, 3, 1, 1).requires_grad_(False)
+    x = torch.randn(1, cin, 9, 7, 8)
+    ref = conv(x)
+    if pad_in:  # the caller carries the extra (zero) input channels
+        x = torch.cat([x, torch.zeros(1, pad_in - cin, 9, 7, 8)], 1)
+    got = lean._conv(conv, x.to(dtype).contiguous(memory_format=CL), in_channels=pad_in, out_channels=pad_out)
+    assert got.is_contiguous(memory_format=CL) and got.dtype == dtype
+    assert got.shape[1] == (pad_out or cout)
+    tol = 1e-5 if dtype == torch.float32 else 0.02 * ref.abs().max().item()
+    torch.testing.assert_close(got[:, :cout].float(), ref, rtol=0, atol=tol)
+    assert torch.equal(got[:, cout:], torch.zeros_like(got[:, cout:]))  # padded outputs are exactly 0

@@ -14,6 +14,7 @@ from eoir_cli.spatial import (
     jacobian_determinant,
     resize_disp,
     sample_gather,
+    sample_rows,
     sample_torch,
     warp,
 )
@@ -119,6 +120,54 @@ def test_sampler_parity_32_cube_with_outside_and_borders(mode: str) -> None:
     weight = 0.75 if mode == "bilinear" else 1.0
     torch.testing.assert_close(expected[:, :, 7], weight * image[:, :, 31], rtol=0, atol=1e-5)
     assert (disp.abs() > 5).any()  # some samples fall fully outside the volume (zeros there)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_rows_sampler_half_voxel_shift_golden(axis: int) -> None:
+    size = (4, 5, 6)
+    image = _coded_image(size).expand(1, 3, *size).contiguous(memory_format=torch.channels_last_3d)
+    out = sample_rows(image, _shift(size, axis, 0.5))
+    inner = [slice(None)] * 5
+    inner[2 + axis] = slice(0, size[axis] - 1)
+    torch.testing.assert_close(out[tuple(inner)], (image + 0.5 * WEIGHTS[axis])[tuple(inner)], rtol=0, atol=1e-5)
+    last = [slice(None)] * 5
+    last[2 + axis] = slice(size[axis] - 1, size[axis])
+    torch.testing.assert_close(out[tuple(last)], 0.5 * image[tuple(last)], rtol=0, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    # Integer fields reproduce the image exactly (voxel coordinates, no [-1, 1] round trip).
+    assert torch.equal(sample_rows(image, torch.zeros(1, 3, *size)), image)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), c=st.integers(1, 9), d=st.integers(2, 12), h=st.integers(2, 12),
+       w=st.integers(2, 12), amplitude=st.floats(0.0, 8.0), slab=st.sampled_from([1, 7, 2**20]),
+       channels_last=st.booleans())
+def test_rows_sampler_matches_grid_sample(seed: int, c: int, d: int, h: int, w: int, amplitude: float, slab: int,
+                                          channels_last: bool) -> None:
+    import eoir_cli.spatial as spatial
+
+    image, disp = _random_case(seed, (1, c, d, h, w), amplitude, "bilinear")
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last_3d)
+    saved = spatial._ROWS_SLAB_VOXELS
+    spatial._ROWS_SLAB_VOXELS = slab  # one plane per call, a few planes, all at once
+    try:
+        got = sample_rows(image, disp)
+    finally:
+        spatial._ROWS_SLAB_VOXELS = saved
+    torch.testing.assert_close(got, sample_torch(image, disp), rtol=0, atol=1e-5)
+
+
+def test_rows_sampler_bfloat16_and_bad_calls() -> None:
+    image, disp = _random_case(11, (1, 16, 12, 10, 9), 4.0, "bilinear")
+    out = sample_rows(image.to(torch.bfloat16), disp)
+    assert out.dtype == torch.bfloat16
+    # bf16 storage of image and result: within a few bf16 roundings of values in [0, 1].
+    torch.testing.assert_close(out.float(), sample_torch(image, disp), rtol=0, atol=2**-6)
+    with pytest.raises(ValueError, match="sample_rows"):
+        sample_rows(image, disp, "nearest")
+    with pytest.raises(ValueError, match="sample_rows"):
+        sample_rows(image, disp[:, :, :6])
 
 
 def test_gather_gradcheck_image_and_disp() -> None:
