@@ -34,6 +34,10 @@ from eoir_cli.spatial import Sampler, SamplerFn, get_sampler, integrate, resize,
 # stays in the caches on a CPU; on a GPU, where each block is a kernel launch, it only bounds the temporary.
 _BLOCK_BYTES = 4 * 2**20
 _BLOCK_BYTES_GPU = 512 * 2**20
+# Convolutions in slabs of at most this many bytes of the wider of input and output (a few planes at
+# full size: the slab stays in the caches while it is copied into the output), at least this many slabs.
+_CONV_SLAB_BYTES = 24 * 2**20
+_CONV_MIN_SLABS = 4
 # Channels warped per grid_sample call when features are stored in a reduced precision (each chunk is
 # upcast to float32, so this bounds the temporary to chunk/C of the feature map).
 _WARP_CHUNK = 8
@@ -125,32 +129,94 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     return F.conv3d(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
-def _conv(conv: nn.Conv3d, x: torch.Tensor, in_channels: int | None = None,
-          out_channels: int | None = None) -> torch.Tensor:
-    """``conv(x)`` with the weights in ``x``'s dtype and the output in channels_last_3d, in one call.
+class Buffers:
+    """Full-size activation buffers given back and taken again within one forward pass.
+
+    glibc serves every block over 32 MB with a fresh mapping and unmaps it when freed, so each new
+    full-size activation faults all its pages in again: at 160x224x192, C=32 one float32 forward
+    touched 18 GB of fresh pages (4.5 M page faults, 9.4 s of kernel time beside 36 s of user time on
+    2 cores). A buffer given back here becomes the next output of the same shape; at most one spare
+    per shape is kept, so the peak does not grow. Disabled (every ``take`` a new tensor, ``give`` a
+    no-op) where an allocator already caches, e.g. on a GPU.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._spare: dict[tuple, torch.Tensor] = {}
+        self._owned: set[int] = set()
+
+    def take(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised channels_last_3d tensor: a spare of that shape, else a new one."""
+        key = (tuple(shape), dtype, device)
+        spare = self._spare.pop(key, None)
+        if spare is not None:
+            return spare
+        out = torch.empty(tuple(shape), dtype=dtype, device=device, memory_format=torch.channels_last_3d)
+        if self.enabled:
+            self._owned.add(out.data_ptr())
+        return out
+
+    def give(self, *tensors: torch.Tensor) -> None:
+        """Hand back tensors taken here whose contents are no longer needed (others are ignored)."""
+        for t in tensors:
+            if not self.enabled or t.data_ptr() not in self._owned:
+                continue
+            key = (tuple(t.shape), t.dtype, t.device)
+            if key in self._spare:
+                self._owned.discard(t.data_ptr())  # freed with its last reference
+            else:
+                self._spare[key] = t
+
+    def keep_sizes(self, *sizes: Sequence[int]) -> None:
+        """Free the spares whose spatial size is none of ``sizes`` (a pyramid level never visited again)."""
+        wanted = {tuple(size) for size in sizes}
+        for key in [key for key in self._spare if key[0][2:] not in wanted]:
+            self._owned.discard(self._spare.pop(key).data_ptr())
+
+
+def _slabbed(conv: nn.Conv3d, x: torch.Tensor, buffers: Buffers | None) -> bool:
+    """Whether :func:`_conv` runs ``conv`` on ``x`` in slabs: a 'same' stride-1 CPU convolution, with buffers."""
+    same = conv.padding == tuple(k // 2 for k in conv.kernel_size) and conv.stride == (1, 1, 1)
+    return (buffers is not None and buffers.enabled and same and conv.dilation == (1, 1, 1) and conv.groups == 1
+            and x.device.type == "cpu" and x.shape[2] >= 2 * _CONV_MIN_SLABS)
+
+
+def _conv(conv: nn.Conv3d, x: torch.Tensor, buffers: Buffers | None = None, *, in_channels: int | None = None,
+          out_channels: int | None = None, in_place: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``conv(x)`` computed and returned in ``dtype`` (default ``x``'s), channels_last_3d.
 
     Args:
-        conv: the layer (any stride/padding; its weights are not modified).
+        conv: the layer (its weights are not modified).
         x: ``(N, C, D, H, W)`` with C = ``in_channels`` (default ``conv.in_channels``).
+        buffers: where the output comes from (see below); None: one oneDNN call, a new output.
         in_channels, out_channels: run the layer with zero input channels appended (``x`` carries
             them) or zero output channels appended (weights and bias 0, so those outputs are 0):
             the same numbers, in shapes oneDNN runs faster.
+        in_place: write the output over ``x`` (same channel count): each slab's result is held until
+            no later slab reads the planes it replaces.
+        dtype: the weights' and the computation's dtype; in slabs only a slab of ``x`` is converted.
 
-    A one-channel input is given a zero second channel: oneDNN's kernel for one input channel writes
-    NCDHW and reorders it (an output-sized copy) at ~1.3 GB/s, while two channels write channels_last
-    directly (49 vs 82 ms for 1 -> 32 at 80x112x96 in float32). A channels_last multi-channel input with
-    channels_last weights is convolved without any reorder, so the whole volume is one call (slabs
-    with halos, the previous way, cost 10-30 % in copies).
+    A 'same' stride-1 CPU convolution with ``buffers`` runs in slabs of a few planes along dim 2, each
+    with its halo (a view; zero planes at the volume's ends), written into a buffer from ``buffers``:
+    10-20 % faster than one call that returns a new full-size output (its page faults), e.g. 1.49 vs
+    1.72 s for 64 -> 64 at 80x224x192 in float32, the same numbers. A channels_last input with
+    channels_last weights is convolved without oneDNN reordering it. A one-channel input is given a
+    zero second channel: oneDNN's kernel for one input channel writes NCDHW and reorders it (an
+    output-sized copy, ~1.3 GB/s), two channels write channels_last directly (49 vs 82 ms for 1 -> 32
+    at 80x112x96 in float32).
     """
     cin, cout = in_channels or conv.in_channels, out_channels or conv.out_channels
+    dtype = dtype or x.dtype
     if x.shape[1] == 1 and cin == 1:
-        two = torch.empty((x.shape[0], 2, *x.shape[2:]), dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last_3d)
+        two = (buffers or Buffers(False)).take((x.shape[0], 2, *x.shape[2:]), x.dtype, x.device)
         two[:, :1] = x
         two[:, 1:] = 0
-        return _conv(conv, two, 2, out_channels)
-    weight = conv.weight.to(x.dtype)
-    bias = conv.bias.to(x.dtype) if conv.bias is not None else None
+        out = _conv(conv, two, buffers, in_channels=2, out_channels=out_channels, dtype=dtype)
+        if buffers is not None:
+            buffers.give(two)
+        return out
+    weight = conv.weight.to(dtype)
+    bias = conv.bias.to(dtype) if conv.bias is not None else None
     if (cout, cin) != weight.shape[:2]:
         padded = weight.new_zeros((cout, cin, *weight.shape[2:]))
         padded[: weight.shape[0], : weight.shape[1]] = weight
@@ -159,8 +225,37 @@ def _conv(conv: nn.Conv3d, x: torch.Tensor, in_channels: int | None = None,
             bias = torch.cat([bias, bias.new_zeros(cout - bias.shape[0])])
     weight = weight.contiguous(memory_format=torch.channels_last_3d)
     x = x.contiguous(memory_format=torch.channels_last_3d)
-    out = conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return out.contiguous(memory_format=torch.channels_last_3d)
+    if not _slabbed(conv, x, buffers):
+        if in_place:
+            raise ValueError("in_place: expected a 'same' stride-1 CPU convolution with buffers")
+        out = conv3d(x.to(dtype), weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return out.contiguous(memory_format=torch.channels_last_3d)
+    if in_place and (cin != cout or dtype != x.dtype):
+        raise ValueError(f"in_place: expected as many output as input channels in x's dtype, got {cin} -> {cout}, "
+                         f"{x.dtype} -> {dtype}")
+    depth, halo = x.shape[2], conv.padding[0]
+    plane = x.shape[0] * max(cin, cout) * x.shape[3] * x.shape[4] * x.element_size()
+    step = max(1, min(_CONV_SLAB_BYTES // max(plane, 1), depth // _CONV_MIN_SLABS))
+    assert buffers is not None  # _slabbed
+    out = x if in_place else buffers.take((x.shape[0], cout, *x.shape[2:]), dtype, x.device)
+    padding = (0, conv.padding[1], conv.padding[2])
+    pending: list[tuple[int, int, torch.Tensor]] = []
+    for a in range(0, depth, step):
+        b = min(a + step, depth)
+        lo, hi = a - halo, b + halo
+        part = x[:, :, max(lo, 0):min(hi, depth)]
+        if lo < 0 or hi > depth:  # zero planes beyond the volume, as the 'same' padding has
+            part = F.pad(part, (0, 0, 0, 0, max(-lo, 0), max(hi - depth, 0))).contiguous(
+                memory_format=torch.channels_last_3d)
+        result = conv3d(part.to(dtype), weight, bias, (1, 1, 1), padding)
+        if not in_place:
+            out[:, :, a:b] = result
+            continue
+        pending.append((a, b, result))
+        while pending and (b == depth or pending[0][1] <= b - halo):  # no later slab reads these planes
+            start, stop, done = pending.pop(0)
+            out[:, :, start:stop] = done
+    return out
 
 
 def _slope(prelu: nn.PReLU) -> float:
@@ -169,83 +264,110 @@ def _slope(prelu: nn.PReLU) -> float:
     return float(prelu.weight.reshape(()))
 
 
-def _conv_norm(seq: nn.Sequential, x: torch.Tensor, slope: float | None) -> torch.Tensor:
+def _conv_norm(seq: nn.Sequential, x: torch.Tensor, slope: float | None, buffers: Buffers | None) -> torch.Tensor:
     """``Sequential(Conv3d, InstanceNorm3d)`` (+ PReLU) in place on the conv output."""
     conv, norm = seq[0], seq[1]
-    return instance_norm_(_conv(conv, x), norm.eps, slope)
+    return instance_norm_(_conv(conv, x, buffers), norm.eps, slope)
 
 
-def large_kernel_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def large_kernel_block(block: nn.Module, x: torch.Tensor, buffers: Buffers | None = None) -> torch.Tensor:
     """:class:`eoir_cli.model.LargeKernelBlock` with its three branches summed in place."""
-    out = _conv_norm(block.regular, x, None)
-    out.add_(_conv_norm(block.large, x, None))
-    out.add_(_conv_norm(block.one, x, None))
+    out = _conv_norm(block.regular, x, None, buffers)
+    for branch in (block.large, block.one):
+        part = _conv_norm(branch, x, None, buffers)
+        out.add_(part)
+        if buffers is not None:
+            buffers.give(part)
     if block.residual:
         out.add_(x)
     return F.leaky_relu_(out, _slope(block.prelu))
 
 
-def encoder_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def encoder_block(block: nn.Module, x: torch.Tensor, buffers: Buffers | None = None) -> torch.Tensor:
     """:class:`eoir_cli.model.EncoderBlock` with in-place InstanceNorm + PReLU."""
     layer = block.layer
     if isinstance(layer, nn.Sequential):
-        return _conv_norm(layer, x, _slope(layer[2]))
-    return large_kernel_block(layer, x)
+        return _conv_norm(layer, x, _slope(layer[2]), buffers)
+    return large_kernel_block(layer, x, buffers)
 
 
-def encode(encoder: nn.Sequential, image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def encode(encoder: nn.Sequential, image: torch.Tensor, dtype: torch.dtype,
+           buffers: Buffers | None = None) -> torch.Tensor:
     """Shared encoder on one image batch ``(N, 1, D, H, W)`` -> ``(N, C, D, H, W)`` in ``dtype``, channels_last."""
     x = image.to(dtype).contiguous(memory_format=torch.channels_last_3d)
     for block in encoder:
-        x = encoder_block(block, x)  # rebinding frees the previous layer's output
+        y = encoder_block(block, x, buffers)
+        if buffers is not None:
+            buffers.give(x)  # the previous layer's output becomes the next layer's of that shape
+        x = y
     return x
 
 
-def warp_features(image: torch.Tensor, disp: torch.Tensor, sampler: SamplerFn) -> torch.Tensor:
-    """Pull-back warp of features stored in any dtype; coordinates and interpolation weights in float32.
+def estimator_input(moving: torch.Tensor, fixed: torch.Tensor, up: torch.Tensor | None, sampler: SamplerFn | None,
+                    buffers: Buffers) -> torch.Tensor:
+    """``cat(fixed + warped, fixed - warped)`` for a flow estimator, with ``warped = warp(moving, up)``.
 
-    Reduced-precision features are upcast a few channels at a time, so the float32 temporary is a
-    fraction of the feature map; the result keeps ``image``'s dtype and memory format.
+    Args:
+        moving, fixed: ``(N, C, D, H, W)`` feature maps of one level (any float dtype, channels_last).
+        up: the coarser levels' displacement ``(N, 3, D, H, W)`` float32 voxels, or None (no warp).
+        sampler: the warp for ``up`` (``None``: :func:`eoir_cli.spatial.sample_rows`, one pair on a CPU).
+        buffers: the output comes from them.
+
+    Returns:
+        ``(N, 2C, D, H, W)`` in the features' dtype, channels_last_3d. The warped moving features are
+        written straight into the second half and then replaced by ``fixed - warped``, so no separate
+        warped map is held.
     """
-    if image.dtype == disp.dtype:
-        return sampler(image, disp, "bilinear")
-    out = torch.empty((image.shape[0], image.shape[1], *disp.shape[2:]), dtype=image.dtype, device=image.device)
-    out = out.contiguous(memory_format=torch.channels_last_3d)
-    for c in range(0, image.shape[1], _WARP_CHUNK):
-        part = image[:, c:c + _WARP_CHUNK].to(disp.dtype)
-        out[:, c:c + _WARP_CHUNK] = sampler(part, disp, "bilinear")
-    return out
+    n, c = fixed.shape[:2]
+    both = buffers.take((n, 2 * c, *fixed.shape[2:]), fixed.dtype, fixed.device)
+    difference = both[:, c:]
+    if up is None:
+        warped = moving
+    elif sampler is None:
+        warped = sample_rows(moving, up, out=difference)
+    elif moving.dtype == up.dtype:
+        warped = difference.copy_(sampler(moving, up, "bilinear"))
+    else:  # reduced-precision features upcast a few channels at a time: a small float32 temporary
+        for start in range(0, c, _WARP_CHUNK):
+            part = moving[:, start:start + _WARP_CHUNK].to(up.dtype)
+            difference[:, start:start + _WARP_CHUNK] = sampler(part, up, "bilinear")
+        warped = difference
+    torch.add(fixed, warped, out=both[:, :c])
+    torch.sub(fixed, warped, out=difference)
+    return both
 
 
-def estimate_velocity(estimator: nn.Module, features: list[torch.Tensor]) -> torch.Tensor:
-    """:class:`eoir_cli.model.FlowEstimator` on ``cat(fixed + moving, fixed - moving)``; velocity in float32.
+def estimate_velocity(estimator: nn.Module, both: torch.Tensor, buffers: Buffers | None = None) -> torch.Tensor:
+    """:class:`eoir_cli.model.FlowEstimator` on its input ``cat(fixed + moving, fixed - moving)``; velocity float32.
 
     Args:
         estimator: the level's flow estimator.
-        features: ``[moving, fixed]`` feature maps; the list is emptied, so (when the caller holds no
-            other reference) their memory is released as soon as the concatenated input exists.
+        both: its input (:func:`estimator_input`); overwritten by the first conv of a plain estimator
+            (2C -> 2C) when it runs in slabs, and given back to ``buffers``.
+        buffers: activation buffers.
 
     The last conv (27 -> 3 channels, <1 % of the FLOPs) runs in float32, so the velocity, hence every
     displacement, keeps float32 resolution.
     """
-    moving, fixed = features
-    features.clear()
-    n, c = fixed.shape[:2]
-    both = torch.empty((n, 2 * c, *fixed.shape[2:]), dtype=fixed.dtype, device=fixed.device,
-                       memory_format=torch.channels_last_3d)
-    torch.add(fixed, moving, out=both[:, :c])
-    torch.sub(fixed, moving, out=both[:, c:])
-    del moving, fixed
+    pool = buffers or Buffers(False)
     first, _, second, _ = estimator.features
     if isinstance(first, nn.Conv3d):
-        h = F.relu_(_conv(first, both))
+        in_place = first.in_channels == first.out_channels and _slabbed(first, both, buffers)
+        h = F.relu_(_conv(first, both, buffers, in_place=in_place))
     else:
-        h = F.relu_(large_kernel_block(first, both))
+        h = F.relu_(large_kernel_block(first, both, buffers))
+    if h is not both:
+        pool.give(both)
     del both
     # 27 hidden channels computed as 32 (5 zero channels): oneDNN's blocked kernels run 32 faster than 27.
     hidden = -(-second.out_channels // 16) * 16
-    h = F.relu_(_conv(second, h, out_channels=hidden))
-    return _conv(estimator.to_velocity, h.float(), in_channels=hidden)
+    hidden_features = F.relu_(_conv(second, h, buffers, out_channels=hidden))
+    pool.give(h)
+    del h
+    # The head converts its input to float32 a slab at a time: no full-size float32 copy of 32 channels.
+    velocity = _conv(estimator.to_velocity, hidden_features, buffers, in_channels=hidden, dtype=torch.float32)
+    pool.give(hidden_features)
+    return velocity
 
 
 def forward_lean(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, dtype: torch.dtype = torch.float32,
@@ -270,8 +392,9 @@ def forward_lean(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, dt
     warp_fn = sample_torch_cached if chosen == "torch" else get_sampler(chosen)
     # One CPU pair: feature maps are warped as rows of channels (sample_rows), in their own dtype.
     rows = chosen == "torch" and moving.device.type == "cpu" and moving.shape[0] == 1
-    xs = [encode(model.encoder, moving, dtype)]
-    ys = [encode(model.encoder, fixed, dtype)]
+    buffers = Buffers(enabled=moving.device.type == "cpu")
+    xs = [encode(model.encoder, moving, dtype, buffers)]
+    ys = [encode(model.encoder, fixed, dtype, buffers)]
     down = [1.0 / f for f in config.level_factors]
     if config.feature_halving:
         xs[0], ys[0] = resize(xs[0], scale=down), resize(ys[0], scale=down)
@@ -281,13 +404,14 @@ def forward_lean(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, dt
     up = None
     disp = None
     for level in reversed(range(config.levels)):
-        if up is None:
-            moving_features = xs[level]
-        else:
-            moving_features = sample_rows(xs[level], up) if rows else warp_features(xs[level], up, warp_fn)
-        features = [moving_features, ys[level]]
-        xs[level] = ys[level] = moving_features = None  # type: ignore[call-overload]
-        velocity = estimate_velocity(model.estimators[level], features)
+        # Spares of other levels go: holding the encoder's 64-channel spare through the coarse levels
+        # made the float32 peak at 160x224x192 0.45 GB higher for the 0.4 s its page faults cost.
+        buffers.keep_sizes(ys[level].shape[2:])
+        both = estimator_input(xs[level], ys[level], up, None if rows else warp_fn, buffers)
+        buffers.give(xs[level], ys[level])
+        xs[level] = ys[level] = None  # type: ignore[call-overload]
+        velocity = estimate_velocity(model.estimators[level], both, buffers)
+        del both
         disp = integrate(velocity, config.int_steps, warp_fn)
         del velocity
         if up is not None:

@@ -169,7 +169,8 @@ def sample_gather(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear
 _ROWS_SLAB_VOXELS = 2**20
 
 
-def sample_rows(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+def sample_rows(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear",
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Trilinear warp of a multi-channel map as one weighted sum of 8 rows per voxel (inference).
 
     The image is read as rows of channels (``(D*H*W, C)``, a view of channels_last storage) and each
@@ -185,9 +186,11 @@ def sample_rows(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear")
         image: ``(1, C, D, H, W)``; channels_last_3d storage avoids a copy.
         disp: ``(1, 3, D, H, W)`` voxels, on the image's own grid.
         mode: ``"bilinear"`` only.
+        out: where to write the result (the image's shape and dtype, not the image; channels adjacent
+            in memory, e.g. channels_last_3d or the channel slice of a wider channels_last map).
 
     Returns:
-        ``(1, C, D, H, W)`` in ``image``'s dtype, channels_last_3d.
+        ``(1, C, D, H, W)`` in ``image``'s dtype: ``out`` when given, else a new channels_last_3d tensor.
     """
     if mode != "bilinear" or image.shape[0] != 1 or disp.shape[2:] != image.shape[2:]:
         raise ValueError(f"sample_rows: expected one image warped on its own grid with 'bilinear', got image "
@@ -195,9 +198,13 @@ def sample_rows(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear")
     size = tuple(image.shape[2:])
     strides = (size[1] * size[2], size[2], 1)
     rows = image.permute(0, 2, 3, 4, 1).reshape(-1, image.shape[1])
-    out = torch.empty((1, image.shape[1], *size), dtype=image.dtype, device=image.device,
-                      memory_format=torch.channels_last_3d)
-    out_rows = out.permute(0, 2, 3, 4, 1).view(-1, image.shape[1])
+    if out is None:
+        out = torch.empty((1, image.shape[1], *size), dtype=image.dtype, device=image.device,
+                          memory_format=torch.channels_last_3d)
+    elif out.shape != image.shape or out.dtype != image.dtype or out.stride(1) != 1:
+        raise ValueError(f"out: expected a {image.dtype} tensor of shape {tuple(image.shape)} with channels "
+                         f"adjacent in memory, got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
+    out_rows = out.permute(0, 2, 3, 4, 1).view(-1, image.shape[1])  # rows of C values, C or more apart
     step = max(1, _ROWS_SLAB_VOXELS // (size[1] * size[2]))
     for a in range(0, size[0], step):
         b = min(a + step, size[0])
