@@ -165,8 +165,9 @@ def sample_gather(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear
     return torch.stack(outs)
 
 
-# Output voxels per embedding_bag call in sample_rows: bounds its (P, 8) indices and weights to 32 MB.
-_ROWS_SLAB_VOXELS = 2**20
+# Output voxels per embedding_bag call in sample_rows: its (P, 8) indices and weights (16 MB each) stay
+# below glibc's 32 MB mapping threshold, so each slab reuses the last one's memory instead of faulting afresh.
+_ROWS_SLAB_VOXELS = 2**19
 
 
 def sample_rows(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear",
