@@ -389,9 +389,10 @@ def forward_lean(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, dt
     """
     config = model.config
     chosen = model.sampler if sampler is None else sampler
-    warp_fn = sample_torch_cached if chosen == "torch" else get_sampler(chosen)
+    torch_sampler = chosen == "torch" or chosen is sample_torch_cached  # the backends pass the cached one
+    warp_fn = sample_torch_cached if torch_sampler else get_sampler(chosen)
     # One CPU pair: feature maps are warped as rows of channels (sample_rows), in their own dtype.
-    rows = chosen == "torch" and moving.device.type == "cpu" and moving.shape[0] == 1
+    rows = torch_sampler and moving.device.type == "cpu" and moving.shape[0] == 1
     buffers = Buffers(enabled=moving.device.type == "cpu")
     xs = [encode(model.encoder, moving, dtype, buffers)]
     ys = [encode(model.encoder, fixed, dtype, buffers)]

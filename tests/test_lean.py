@@ -163,3 +163,19 @@ def test_conv_with_zero_padded_channels_equals_the_layer(cin: int, cout: int, pa
     tol = 1e-5 if dtype == torch.float32 else 0.02 * ref.abs().max().item()
     torch.testing.assert_close(got[:, :cout].float(), ref, rtol=0, atol=tol)
     assert torch.equal(got[:, cout:], torch.zeros_like(got[:, cout:]))  # padded outputs are exactly 0
+
+
+def test_backends_cached_sampler_warps_features_as_rows(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from eoir_cli import open_backend, run_pair
+    from eoir_cli.checkpoint import save_checkpoint
+
+    calls = []
+    real = lean.sample_rows
+    monkeypatch.setattr(lean, "sample_rows", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    moving, fixed = _pair((32, 32, 32))
+    backend = open_backend(str(save_checkpoint(tmp_path / "m.pt", _model("lumir"))), device="cpu")
+    disp = run_pair(backend, moving[0, 0].numpy(), fixed[0, 0].numpy())
+    assert len(calls) == 4  # one warp per level below the coarsest
+    with torch.no_grad():
+        plain = _model("lumir")(moving, fixed, lean=False)
+    torch.testing.assert_close(torch.from_numpy(disp)[None], plain, rtol=0, atol=1e-3)
