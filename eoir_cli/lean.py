@@ -22,6 +22,7 @@ Displacements are in voxels, channel c along array axis c (see :mod:`eoir_cli.sp
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -145,13 +146,14 @@ class Buffers:
         self._spare: dict[tuple, torch.Tensor] = {}
         self._owned: set[int] = set()
 
-    def take(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """An uninitialised channels_last_3d tensor: a spare of that shape, else a new one."""
-        key = (tuple(shape), dtype, device)
+    def take(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+             memory_format: torch.memory_format = torch.channels_last_3d) -> torch.Tensor:
+        """An uninitialised tensor in ``memory_format``: a spare of that shape and format, else a new one."""
+        key = (tuple(shape), dtype, device, memory_format)
         spare = self._spare.pop(key, None)
         if spare is not None:
             return spare
-        out = torch.empty(tuple(shape), dtype=dtype, device=device, memory_format=torch.channels_last_3d)
+        out = torch.empty(tuple(shape), dtype=dtype, device=device, memory_format=memory_format)
         if self.enabled:
             self._owned.add(out.data_ptr())
         return out
@@ -161,7 +163,8 @@ class Buffers:
         for t in tensors:
             if not self.enabled or t.data_ptr() not in self._owned:
                 continue
-            key = (tuple(t.shape), t.dtype, t.device)
+            layout = torch.channels_last_3d if t.dim() == 5 and not t.is_contiguous() else torch.contiguous_format
+            key = (tuple(t.shape), t.dtype, t.device, layout)
             if key in self._spare:
                 self._owned.discard(t.data_ptr())  # freed with its last reference
             else:
@@ -413,10 +416,17 @@ def forward_lean(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, dt
         xs[level] = ys[level] = None  # type: ignore[call-overload]
         velocity = estimate_velocity(model.estimators[level], both, buffers)
         del both
-        disp = integrate(velocity, config.int_steps, warp_fn)
+        level_warp, reused = warp_fn, ()
+        if torch_sampler and buffers.enabled and velocity.shape[0] == 1:  # the squarings reuse two buffers
+            size = velocity.shape[2:]
+            reused = (buffers.take(velocity.shape, torch.float32, velocity.device, torch.contiguous_format),
+                      buffers.take((1, *size, 3), torch.float32, velocity.device, torch.contiguous_format))
+            level_warp = functools.partial(sample_torch_cached, out=reused[0], work=reused[1])
+        disp = integrate(velocity, config.int_steps, level_warp)
         del velocity
         if up is not None:
-            disp.add_(warp_fn(up, disp, "bilinear"))  # compose(up, disp): up sampled along disp
+            disp.add_(level_warp(up, disp, "bilinear"))  # compose(up, disp): up sampled along disp
+        buffers.give(*reused)
         if level > 0:
             up = model._upsample(disp)
     assert disp is not None  # levels >= 1

@@ -88,7 +88,8 @@ def _normalized_identity(out_size: tuple[int, ...], in_size: tuple[int, ...], de
     return grid
 
 
-def sample_torch_cached(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+def sample_torch_cached(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", *,
+                        out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     """``grid_sample`` warp with the convention of :func:`sample_torch`, fewer passes (inference).
 
     ``sample_torch`` rebuilds the identity grid and normalises each axis separately (about a dozen
@@ -99,9 +100,13 @@ def sample_torch_cached(image: torch.Tensor, disp: torch.Tensor, mode: str = "bi
         image: ``(N, C, D, H, W)``.
         disp: ``(N, 3, d, h, w)`` voxels of the image grid.
         mode: ``"bilinear"`` or ``"nearest"``.
+        out: a contiguous ``(N, C, d, h, w)`` tensor that receives the result (no autograd).
+        work: a contiguous ``(N, d, h, w, 3)`` float32 tensor to build the sampling grid in (no autograd).
+            With both, a loop of warps (scaling and squaring) reuses two buffers instead of faulting
+            in fresh pages for three full-size tensors per warp.
 
     Returns:
-        ``(N, C, d, h, w)``, zeros outside the image.
+        ``(N, C, d, h, w)``, zeros outside the image (``out`` when given).
     """
     in_size = tuple(image.shape[2:])
     base = _normalized_identity(tuple(disp.shape[2:]), in_size, str(disp.device))
@@ -110,13 +115,14 @@ def sample_torch_cached(image: torch.Tensor, disp: torch.Tensor, mode: str = "bi
     if torch.is_grad_enabled() and disp.requires_grad:
         grid = torch.addcmul(base, disp.permute(0, 2, 3, 4, 1).flip(-1), scale)
     else:  # channel by channel into the grid: no flipped copy of the field (an 86 MB temporary at 160×224×192)
-        grid = torch.empty((disp.shape[0], *base.shape[1:]), dtype=base.dtype, device=base.device)
+        grid = work if work is not None else torch.empty((disp.shape[0], *base.shape[1:]), dtype=base.dtype,
+                                                         device=base.device)
         for c in range(3):
             torch.addcmul(base[..., c], disp[:, 2 - c], scale[c], out=grid[..., c])
     # Coordinates stay float32 (bf16 would misplace samples by up to a voxel at index ~200); under
     # autocast grid_sample runs in float32 anyway, so a reduced-precision image is upcast, not the grid cast down.
     image = image if image.dtype == grid.dtype else image.float()
-    return grid_sample(image, grid, mode, "zeros")
+    return grid_sample(image, grid, mode, "zeros", out=out)
 
 
 def _axis_corners(
@@ -165,9 +171,10 @@ def sample_gather(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear
     return torch.stack(outs)
 
 
-# Output voxels per embedding_bag call in sample_rows: its (P, 8) indices and weights (16 MB each) stay
-# below glibc's 32 MB mapping threshold, so each slab reuses the last one's memory instead of faulting afresh.
-_ROWS_SLAB_VOXELS = 2**19
+# Bytes of float32 output (and of (P, 8) indices and weights) per embedding_bag call in sample_rows: each
+# slab's temporaries stay below glibc's 32 MB mapping threshold, so a slab reuses the last one's memory
+# instead of faulting fresh pages in (64 MB slabs had cost 220 k page faults per full-size warp).
+_ROWS_SLAB_BYTES = 16 * 2**20
 
 
 def sample_rows(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear",
@@ -206,7 +213,7 @@ def sample_rows(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear",
         raise ValueError(f"out: expected a {image.dtype} tensor of shape {tuple(image.shape)} with channels "
                          f"adjacent in memory, got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
     out_rows = out.permute(0, 2, 3, 4, 1).view(-1, image.shape[1])  # rows of C values, C or more apart
-    step = max(1, _ROWS_SLAB_VOXELS // (size[1] * size[2]))
+    step = max(1, _ROWS_SLAB_BYTES // (4 * max(image.shape[1], 8) * size[1] * size[2]))
     for a in range(0, size[0], step):
         b = min(a + step, size[0])
         index = weight = None
