@@ -206,14 +206,18 @@ class OnnxBackend(Backend):
             ``"cpu"`` or ``"cuda"`` (falls back to CPU with :attr:`fallback_reason` set).
         providers: explicit onnxruntime provider list (overrides ``device``).
         threads: intra-op threads (None = onnxruntime default).
-        mem_arena: keep onnxruntime's CPU memory arena; off by default because on large volumes
-            the arena holds on to every peak-sized buffer (it roughly doubles peak memory).
+        mem_arena: onnxruntime's CPU memory arena with its planned buffer reuse switched off (default);
+            ``False``: no arena, planned reuse on (the previous default). Measured at 160x224x192,
+            C=32 on 2 cores: gather 33.1 s / 5.52 GB and native GridSample 32.2 s / 5.50 GB, against
+            41.1 s / 8.69 GB and 36.5 s / 7.17 GB without the arena: the planner's reuse pins a
+            buffer from its first use until the last tensor that reuses it (e.g. from the encoder to
+            the finest flow estimator), while the arena recycles freed blocks without page faults.
     """
 
     name = "onnx"
 
     def __init__(self, path: str | os.PathLike[str], device: str = "auto", providers: list[str] | None = None,
-                 threads: int | None = None, mem_arena: bool = False, **_: Any) -> None:
+                 threads: int | None = None, mem_arena: bool = True, **_: Any) -> None:
         ort = _import_onnxruntime()
         path = Path(path)
         if not path.is_file():
@@ -237,6 +241,7 @@ class OnnxBackend(Backend):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.enable_cpu_mem_arena = mem_arena
+        options.enable_mem_reuse = not mem_arena
         # Priority-based order runs each branch to completion (one image's encoder, one warp's chunks) before
         # the next, instead of interleaving independent branches: -5 % peak at 96x112x96, C=32.
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
