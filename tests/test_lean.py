@@ -47,6 +47,23 @@ def test_instance_stats_are_float32_accurate_for_bfloat16_storage(small_blocks: 
     torch.testing.assert_close(var.double(), exact_var, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moments_over_slabs_equal_the_whole_maps_statistics(small_blocks: None, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(4)
+    # The first slab is flat background (the shift it gives is 50 standard deviations off the mean).
+    x = torch.cat([torch.zeros(1, 3, 2, 6, 7), 50 + torch.randn(1, 3, 9, 6, 7, generator=gen)], 2)
+    x = x.to(dtype).contiguous(memory_format=CL)
+    moments = lean.Moments()
+    for start in range(0, 11, 3):
+        moments.add(x[:, :, start:start + 3])
+    mean, var = moments.result()
+    exact_var, exact_mean = torch.var_mean(x.double(), dim=(2, 3, 4), keepdim=True, correction=0)
+    torch.testing.assert_close(mean.double(), exact_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), exact_var, rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="nothing accumulated"):
+        lean.Moments().result()
+
+
 @pytest.mark.parametrize("slope", [None, 0.25])
 def test_instance_norm_in_place_equals_instance_norm_then_prelu(small_blocks: None, slope: float | None) -> None:
     gen = torch.Generator().manual_seed(1)
