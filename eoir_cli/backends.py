@@ -271,7 +271,9 @@ class OnnxBackend(Backend):
     def _run(self, moving: np.ndarray, fixed: np.ndarray) -> np.ndarray:
         feeds = {"moving": moving.astype(self._dtype, copy=False), "fixed": fixed.astype(self._dtype, copy=False)}
         (disp,) = self.session.run([OUTPUT_NAME], feeds)
-        return disp.astype(np.float32, copy=False)
+        # A copy: onnxruntime's array may live in the session's arena, which it would keep alive (5.5 GB at
+        # 160x224x192, C=32) after the backend is gone, e.g. through export verification's PyTorch passes.
+        return np.array(disp, dtype=np.float32, copy=True)
 
 
 class TensorRTBackend(Backend):

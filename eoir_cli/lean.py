@@ -5,17 +5,24 @@
 never comes here. The weights and the arithmetic are the network's; only the order of evaluation
 and the storage differ:
 
-* **channels_last_3d** activations: oneDNN's 3-D convolutions run 1.5–1.7× faster in that layout on
-  this CPU (fp32 and bf16) and need no reorder copies.
-* **One image at a time** through the encoder, each layer's input freed as soon as its output exists.
-* **In-place InstanceNorm + PReLU**, slab by slab along the first spatial axis, with statistics in
-  float32 (Chan's pairwise combination of per-slab means and variances) whatever the storage dtype.
+* **channels_last_3d** activations and weights: oneDNN convolves multi-channel inputs in that layout
+  without reordering them (400-460 GFLOP/s fp32, 720-980 bf16 on the 2-core development CPU).
+* **One image at a time** through the encoder, each layer's input handed back once its output exists.
+* **Convolutions in slabs** of a few planes written into **reused buffers** (:class:`Buffers`): glibc
+  maps every large block afresh and faults all its pages in again after each free; the flow
+  estimator's 2C -> 2C convolution overwrites its own input.
+* **In-place InstanceNorm + PReLU**: statistics accumulated in float32 from each convolution slab while
+  it is in the caches (:class:`Moments`), the normalisation one ``addcmul`` per block of voxel rows.
+* **Feature warps as rows** (:func:`eoir_cli.spatial.sample_rows`: 8 corner rows per voxel in one
+  ``embedding_bag``) written straight into the estimator's input ``cat(f + m, f - m)``.
 * **Low-precision storage end to end** (``dtype=bfloat16``/``float16``): convolutions, norms and
   activations stay in that dtype (no cast around each block); the velocity head, the warps'
   coordinates, the integration and every displacement stay float32 (a bf16 coordinate misplaces a
   sample by up to a voxel at index ~200).
-* Each level's features are dropped once the level no longer needs them; the flow estimator's
-  input ``cat(f + m, f - m)`` is written into one buffer.
+* Each level's features are dropped once the level no longer needs them; the squarings of the
+  integration reuse one grid and one result buffer per level.
+
+The measurements behind each choice are in README ("Inference path").
 
 Displacements are in voxels, channel c along array axis c (see :mod:`eoir_cli.spatial`).
 """
@@ -428,8 +435,9 @@ def forward_lean(model: nn.Module, moving: torch.Tensor, fixed: torch.Tensor, dt
         model: the :class:`eoir_cli.model.EOIR` (its weights, config and sampler).
         moving, fixed: ``(N, 1, D, H, W)`` images in [0, 1].
         dtype: storage and compute dtype of convolutions, norms and activations.
-        sampler: sampler for the warps (default: the model's; ``"torch"`` becomes the cached-grid
-            ``grid_sample``, same convention, fewer passes).
+        sampler: sampler for the warps (default: the model's). ``"torch"`` (or the cached-grid
+            ``grid_sample`` itself): fields through the cached-grid ``grid_sample`` and, for one pair
+            on a CPU, feature maps through :func:`eoir_cli.spatial.sample_rows`; same convention.
 
     Returns:
         ``(N, 3, D', H', W')`` float32 displacement in voxels, at the finest level's size.

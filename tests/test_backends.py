@@ -50,6 +50,18 @@ def test_onnx_backend_matches_torch_backend():
     assert diff.max() <= PARITY_TOL
 
 
+@pytest.mark.parametrize("mem_arena", [True, False])
+def test_onnx_backend_memory_settings_and_results_independent_of_the_session(mem_arena):
+    backend = OnnxBackend(exported("gather").path, device="cpu", mem_arena=mem_arena)
+    moving, fixed = random_pair(seed=12)
+    disp = backend._run(moving[None, None], fixed[None, None])
+    # The result owns its memory: onnxruntime's array could otherwise pin the session's arena after the backend.
+    assert disp.flags.owndata and disp.dtype == np.float32
+    del backend
+    reference = OnnxBackend(exported("gather").path, device="cpu", mem_arena=not mem_arena)
+    np.testing.assert_allclose(disp[0], reference(moving, fixed), rtol=0, atol=1e-6)
+
+
 def test_onnx_backend_refuses_other_shapes_and_ranks():
     backend = load_backend(exported("gather").path, device="cpu")
     moving, fixed = random_pair((32, 32, 48))
