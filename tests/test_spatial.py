@@ -35,21 +35,26 @@ def _shift(size: tuple[int, int, int], axis: int, amount: float) -> torch.Tensor
     return disp
 
 
+def _check_half_voxel_shift(image: torch.Tensor, out: torch.Tensor, axis: int, atol: float) -> None:
+    """``out`` = ``image`` (axis-coded) warped by +0.5 voxel along ``axis``."""
+    size = image.shape[2:]
+    # Interior: image(x + 0.5·e_axis) = image(x) + 0.5·WEIGHTS[axis] (linear along the axis);
+    # a swapped axis would add 0.5·WEIGHTS[other] instead.
+    inner = [slice(None)] * 5
+    inner[2 + axis] = slice(0, size[axis] - 1)
+    torch.testing.assert_close(out[tuple(inner)], (image + 0.5 * WEIGHTS[axis])[tuple(inner)], rtol=0, atol=atol)
+    # Last slice along the axis samples half a voxel outside: 0.5·value(last) + 0.5·0 (zero padding).
+    last = [slice(None)] * 5
+    last[2 + axis] = slice(size[axis] - 1, size[axis])
+    torch.testing.assert_close(out[tuple(last)], 0.5 * image[tuple(last)], rtol=0, atol=atol)
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_half_voxel_shift_along_one_axis(sampler: str, axis: int) -> None:
     size = (4, 5, 6)
     image = _coded_image(size)
-    out = warp(image, _shift(size, axis, 0.5), sampler)
-    # Interior: image(x + 0.5·e_axis) = image(x) + 0.5·WEIGHTS[axis] (linear along the axis);
-    # a swapped axis would add 0.5·WEIGHTS[other] instead.
-    inner = [slice(None)] * 5
-    inner[2 + axis] = slice(0, size[axis] - 1)
-    torch.testing.assert_close(out[tuple(inner)], (image + 0.5 * WEIGHTS[axis])[tuple(inner)], rtol=0, atol=1e-4)
-    # Last slice along the axis samples half a voxel outside: 0.5·value(last) + 0.5·0 (zero padding).
-    last = [slice(None)] * 5
-    last[2 + axis] = slice(size[axis] - 1, size[axis])
-    torch.testing.assert_close(out[tuple(last)], 0.5 * image[tuple(last)], rtol=0, atol=1e-4)
+    _check_half_voxel_shift(image, warp(image, _shift(size, axis, 0.5), sampler), axis, 1e-4)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -127,12 +132,7 @@ def test_rows_sampler_half_voxel_shift_golden(axis: int) -> None:
     size = (4, 5, 6)
     image = _coded_image(size).expand(1, 3, *size).contiguous(memory_format=torch.channels_last_3d)
     out = sample_rows(image, _shift(size, axis, 0.5))
-    inner = [slice(None)] * 5
-    inner[2 + axis] = slice(0, size[axis] - 1)
-    torch.testing.assert_close(out[tuple(inner)], (image + 0.5 * WEIGHTS[axis])[tuple(inner)], rtol=0, atol=1e-5)
-    last = [slice(None)] * 5
-    last[2 + axis] = slice(size[axis] - 1, size[axis])
-    torch.testing.assert_close(out[tuple(last)], 0.5 * image[tuple(last)], rtol=0, atol=1e-5)
+    _check_half_voxel_shift(image, out, axis, 1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     # Integer fields reproduce the image exactly (voxel coordinates, no [-1, 1] round trip).
     assert torch.equal(sample_rows(image, torch.zeros(1, 3, *size)), image)
