@@ -348,10 +348,10 @@ def encoder_block(block: nn.Module, x: torch.Tensor, buffers: Buffers | None = N
 def encode(encoder: nn.Sequential, image: torch.Tensor, dtype: torch.dtype,
            buffers: Buffers | None = None) -> torch.Tensor:
     """Shared encoder on one image batch ``(N, 1, D, H, W)`` -> ``(N, C, D, H, W)`` in ``dtype``, channels_last."""
-    x = image.to(dtype).contiguous(memory_format=torch.channels_last_3d)
-    for block in encoder:
+    x = image.to(dtype).contiguous(memory_format=torch.channels_last_3d)  # may be the caller's tensor
+    for index, block in enumerate(encoder):
         y = encoder_block(block, x, buffers)
-        if buffers is not None:
+        if buffers is not None and index > 0:
             buffers.give(x)  # the previous layer's output becomes the next layer's of that shape
         x = y
     return x
