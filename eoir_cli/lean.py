@@ -219,14 +219,18 @@ class Buffers:
             self._owned.discard(self._spare.pop(key).data_ptr())
 
 
-def _slabbed(conv: nn.Conv3d, x: torch.Tensor, buffers: Buffers | None) -> bool:
+# Where no buffers are given: every take a new tensor, every give a no-op (it holds nothing).
+NO_BUFFERS = Buffers(enabled=False)
+
+
+def _slabbed(conv: nn.Conv3d, x: torch.Tensor, buffers: Buffers) -> bool:
     """Whether :func:`_conv` runs ``conv`` on ``x`` in slabs: a 'same' stride-1 CPU convolution, with buffers."""
     same = conv.padding == tuple(k // 2 for k in conv.kernel_size) and conv.stride == (1, 1, 1)
-    return (buffers is not None and buffers.enabled and same and conv.dilation == (1, 1, 1) and conv.groups == 1
+    return (buffers.enabled and same and conv.dilation == (1, 1, 1) and conv.groups == 1
             and x.device.type == "cpu" and x.shape[2] >= 2 * _CONV_MIN_SLABS)
 
 
-def _conv(conv: nn.Conv3d, x: torch.Tensor, buffers: Buffers | None = None, *, in_channels: int | None = None,
+def _conv(conv: nn.Conv3d, x: torch.Tensor, buffers: Buffers = NO_BUFFERS, *, in_channels: int | None = None,
           out_channels: int | None = None, in_place: bool = False, dtype: torch.dtype | None = None,
           moments: Moments | None = None) -> torch.Tensor:
     """``conv(x)`` computed and returned in ``dtype`` (default ``x``'s), channels_last_3d.
@@ -234,7 +238,7 @@ def _conv(conv: nn.Conv3d, x: torch.Tensor, buffers: Buffers | None = None, *, i
     Args:
         conv: the layer (its weights are not modified).
         x: ``(N, C, D, H, W)`` with C = ``in_channels`` (default ``conv.in_channels``).
-        buffers: where the output comes from (see below); None: one oneDNN call, a new output.
+        buffers: where the output comes from (see below); disabled ones: one oneDNN call, a new output.
         in_channels, out_channels: run the layer with zero input channels appended (``x`` carries
             them) or zero output channels appended (weights and bias 0, so those outputs are 0):
             the same numbers, in shapes oneDNN runs faster.
@@ -256,12 +260,11 @@ def _conv(conv: nn.Conv3d, x: torch.Tensor, buffers: Buffers | None = None, *, i
     cin, cout = in_channels or conv.in_channels, out_channels or conv.out_channels
     dtype = dtype or x.dtype
     if x.shape[1] == 1 and cin == 1:
-        two = (buffers or Buffers(False)).take((x.shape[0], 2, *x.shape[2:]), x.dtype, x.device)
+        two = buffers.take((x.shape[0], 2, *x.shape[2:]), x.dtype, x.device)
         two[:, :1] = x
         two[:, 1:] = 0
         out = _conv(conv, two, buffers, in_channels=2, out_channels=out_channels, dtype=dtype, moments=moments)
-        if buffers is not None:
-            buffers.give(two)
+        buffers.give(two)
         return out
     weight = conv.weight.to(dtype)
     bias = conv.bias.to(dtype) if conv.bias is not None else None
@@ -287,7 +290,6 @@ def _conv(conv: nn.Conv3d, x: torch.Tensor, buffers: Buffers | None = None, *, i
     depth, halo = x.shape[2], conv.padding[0]
     plane = x.shape[0] * max(cin, cout) * x.shape[3] * x.shape[4] * x.element_size()
     step = max(1, min(_CONV_SLAB_BYTES // max(plane, 1), depth // _CONV_MIN_SLABS))
-    assert buffers is not None  # _slabbed
     out = x if in_place else buffers.take((x.shape[0], cout, *x.shape[2:]), dtype, x.device)
     padding = (0, conv.padding[1], conv.padding[2])
     pending: list[tuple[int, int, torch.Tensor]] = []
@@ -317,27 +319,26 @@ def _slope(prelu: nn.PReLU) -> float:
     return float(prelu.weight.reshape(()))
 
 
-def _conv_norm(seq: nn.Sequential, x: torch.Tensor, slope: float | None, buffers: Buffers | None) -> torch.Tensor:
+def _conv_norm(seq: nn.Sequential, x: torch.Tensor, slope: float | None, buffers: Buffers) -> torch.Tensor:
     """``Sequential(Conv3d, InstanceNorm3d)`` (+ PReLU) in place on the conv output."""
     conv, norm = seq[0], seq[1]
     moments = Moments()
     return instance_norm_(_conv(conv, x, buffers, moments=moments), norm.eps, slope, moments)
 
 
-def large_kernel_block(block: nn.Module, x: torch.Tensor, buffers: Buffers | None = None) -> torch.Tensor:
+def large_kernel_block(block: nn.Module, x: torch.Tensor, buffers: Buffers = NO_BUFFERS) -> torch.Tensor:
     """:class:`eoir_cli.model.LargeKernelBlock` with its three branches summed in place."""
     out = _conv_norm(block.regular, x, None, buffers)
     for branch in (block.large, block.one):
         part = _conv_norm(branch, x, None, buffers)
         out.add_(part)
-        if buffers is not None:
-            buffers.give(part)
+        buffers.give(part)
     if block.residual:
         out.add_(x)
     return F.leaky_relu_(out, _slope(block.prelu))
 
 
-def encoder_block(block: nn.Module, x: torch.Tensor, buffers: Buffers | None = None) -> torch.Tensor:
+def encoder_block(block: nn.Module, x: torch.Tensor, buffers: Buffers = NO_BUFFERS) -> torch.Tensor:
     """:class:`eoir_cli.model.EncoderBlock` with in-place InstanceNorm + PReLU."""
     layer = block.layer
     if isinstance(layer, nn.Sequential):
@@ -346,12 +347,12 @@ def encoder_block(block: nn.Module, x: torch.Tensor, buffers: Buffers | None = N
 
 
 def encode(encoder: nn.Sequential, image: torch.Tensor, dtype: torch.dtype,
-           buffers: Buffers | None = None) -> torch.Tensor:
+           buffers: Buffers = NO_BUFFERS) -> torch.Tensor:
     """Shared encoder on one image batch ``(N, 1, D, H, W)`` -> ``(N, C, D, H, W)`` in ``dtype``, channels_last."""
     x = image.to(dtype).contiguous(memory_format=torch.channels_last_3d)  # may be the caller's tensor
     for index, block in enumerate(encoder):
         y = encoder_block(block, x, buffers)
-        if buffers is not None and index > 0:
+        if index > 0:
             buffers.give(x)  # the previous layer's output becomes the next layer's of that shape
         x = y
     return x
@@ -391,7 +392,7 @@ def estimator_input(moving: torch.Tensor, fixed: torch.Tensor, up: torch.Tensor 
     return both
 
 
-def estimate_velocity(estimator: nn.Module, both: torch.Tensor, buffers: Buffers | None = None) -> torch.Tensor:
+def estimate_velocity(estimator: nn.Module, both: torch.Tensor, buffers: Buffers = NO_BUFFERS) -> torch.Tensor:
     """:class:`eoir_cli.model.FlowEstimator` on its input ``cat(fixed + moving, fixed - moving)``; velocity float32.
 
     Args:
@@ -403,7 +404,6 @@ def estimate_velocity(estimator: nn.Module, both: torch.Tensor, buffers: Buffers
     The last conv (27 -> 3 channels, <1 % of the FLOPs) runs in float32, so the velocity, hence every
     displacement, keeps float32 resolution.
     """
-    pool = buffers or Buffers(False)
     first, _, second, _ = estimator.features
     if isinstance(first, nn.Conv3d):
         in_place = first.in_channels == first.out_channels and _slabbed(first, both, buffers)
@@ -411,16 +411,16 @@ def estimate_velocity(estimator: nn.Module, both: torch.Tensor, buffers: Buffers
     else:
         h = F.relu_(large_kernel_block(first, both, buffers))
     if h is not both:
-        pool.give(both)
+        buffers.give(both)
     del both
     # 27 hidden channels computed as 32 (5 zero channels): oneDNN's blocked kernels run 32 faster than 27.
     hidden = -(-second.out_channels // 16) * 16
     hidden_features = F.relu_(_conv(second, h, buffers, out_channels=hidden))
-    pool.give(h)
+    buffers.give(h)
     del h
     # The head converts its input to float32 a slab at a time: no full-size float32 copy of 32 channels.
     velocity = _conv(estimator.to_velocity, hidden_features, buffers, in_channels=hidden, dtype=torch.float32)
-    pool.give(hidden_features)
+    buffers.give(hidden_features)
     return velocity
 
 

@@ -218,12 +218,11 @@ def sample_rows(image: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear",
         b = min(a + step, size[0])
         index = weight = None
         for axis in range(3):
-            shape = [b - a, size[1], size[2]]
             ramp = torch.arange(a if axis == 0 else 0, b if axis == 0 else size[axis], dtype=torch.float32,
                                 device=disp.device)
             view = [1, 1, 1]
             view[axis] = ramp.numel()
-            coord = (disp[0, axis, a:b].float() + ramp.view(view)).expand(shape).reshape(-1)
+            coord = (disp[0, axis, a:b].float() + ramp.view(view)).reshape(-1)  # voxel coordinate along axis
             corners = _axis_corners(coord, size[axis], strides[axis], "bilinear")
             i = torch.stack([corner[0] for corner in corners], -1)
             w = torch.stack([corner[1] for corner in corners], -1)
