@@ -31,6 +31,7 @@ import torch
 
 from eoir_cli import __version__
 from eoir_cli.config import PRESETS, ModelConfig, resolve_config
+from eoir_cli.errors import EoirError
 from eoir_cli.fileio import atomic_path, model_suffix
 from eoir_cli.model import EOIR
 from eoir_cli.spatial import Sampler
@@ -52,8 +53,8 @@ _TO_ORIGINAL = (
 _GRID_KEY = re.compile(r"^(transformers\.\d+|integrates\.\d+\.transformer)\.grid$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the requested model."""
+class CheckpointError(EoirError, ValueError):
+    """A checkpoint that cannot be read or does not fit the requested model (a user error: one line)."""
 
 
 def _rename(key: str, rules: tuple[tuple[re.Pattern[str], str], ...]) -> str:

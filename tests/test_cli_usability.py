@@ -71,6 +71,20 @@ def test_ctrl_c_is_one_line_saying_what_was_kept(monkeypatch: pytest.MonkeyPatch
     assert "eoir train --resume" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("content", [None, b"not a checkpoint"])
+def test_export_of_a_missing_or_unreadable_checkpoint_is_one_line_and_writes_nothing(
+        tmp_path: Path, content: bytes | None) -> None:
+    model = tmp_path / "model.pth"
+    if content is not None:
+        model.write_bytes(content)
+    out = tmp_path / "model.onnx"
+    result = runner.invoke(app, ["export", str(model), "-o", str(out)])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and str(model) in result.output
+    assert "unexpected" not in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == ([model] if content is not None else [])
+
+
 def test_bad_train_config_value_is_one_line() -> None:
     # TrainConfig validates --val-pairs etc. itself; at the CLI boundary those are the user's values.
     result = runner.invoke(app, ["train", "--shape", "1", "64", "64", "--out", "unused"])
